@@ -1,0 +1,206 @@
+"""The head's side of the control plane: engine instances, their health, and request streams.
+
+One ROUTER socket talks to every instance's DEALER. Deltas arrive batched per engine step and are
+fanned out to per-request streams; heartbeats keep each instance in rotation, and an instance that
+misses them for `heartbeat_timeout_s` is dropped with its in-flight requests failed cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from slurmserve.router.metrics import HeadMetrics
+from slurmserve.router.policies import Policy
+from slurmserve.runtime import protocol as P
+
+log = logging.getLogger(__name__)
+
+
+class NoInstanceError(Exception):
+    """No live engine instance in the pool a request needs."""
+
+
+@dataclass(eq=False)
+class Instance:
+    index: int
+    role: str
+    identity: bytes
+    address: str
+    up: bool = False
+    ever_up: bool = False
+    last_seen: float = 0.0
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    num_kv_blocks: int = 0
+    block_size: int = 0
+    streams: dict[str, DeltaStream] = field(default_factory=dict)
+
+    @property
+    def inflight(self) -> int:
+        return len(self.streams)
+
+
+class DeltaStream:
+    """Deltas of one request on one instance, consumed with `async for`."""
+
+    __slots__ = ("req_id", "instance", "_items", "_waiter", "done")
+
+    def __init__(self, req_id: str, instance: Instance):
+        self.req_id = req_id
+        self.instance = instance
+        self._items: deque[P.Delta] = deque()
+        self._waiter: asyncio.Future | None = None
+        self.done = False
+
+    def push(self, delta: P.Delta) -> None:
+        self._items.append(delta)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> P.Delta:
+        if self.done and not self._items:
+            raise StopAsyncIteration
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+        delta = self._items.popleft()
+        if delta.finish_reason is not None:
+            self.done = True
+        return delta
+
+
+class EngineClient:
+    def __init__(self, sock: zmq.asyncio.Socket, instances: list[Instance], policies: dict[str, Policy],
+                 metrics: HeadMetrics, heartbeat_timeout_s: float):
+        self.sock = sock
+        self.instances = instances
+        self.by_identity = {i.identity: i for i in instances}
+        self.policies = policies
+        self.metrics = metrics
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.streams: dict[str, DeltaStream] = {}
+        self._tasks: list[asyncio.Task] = []
+        for inst in instances:
+            metrics.instance_up.labels(inst.index, inst.role).set(0)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
+
+    async def close(self, reason: str, grace_s: float) -> None:
+        """Ask every instance to shut down and wait (up to grace_s) for their goodbyes."""
+        for inst in self.instances:
+            if inst.up:
+                await self.sock.send_multipart([inst.identity, P.encode(P.Shutdown(reason))])
+        deadline = time.monotonic() + grace_s
+        while any(i.up for i in self.instances) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for t in self._tasks:
+            t.cancel()
+
+    # ---- pools ----------------------------------------------------------------------------------
+
+    def pool(self, role: str) -> list[Instance]:
+        return [i for i in self.instances if i.up and i.role == role]
+
+    def all_ready(self) -> bool:
+        """Every instance has come up once, and every pool still has a live instance."""
+        if not all(i.ever_up for i in self.instances):
+            return False
+        return all(self.pool(role) for role in {i.role for i in self.instances})
+
+    def choose(self, role: str, prompt_token_ids: list[int]) -> Instance:
+        live = self.pool(role)
+        if not live:
+            raise NoInstanceError(f"no {role} instance is available")
+        return self.policies[role].choose(live, prompt_token_ids)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def submit(self, inst: Instance, req_id: str, prompt_token_ids: list[int], params: P.SamplingParams,
+               kv_transfer_params: dict | None = None) -> DeltaStream:
+        stream = DeltaStream(req_id, inst)
+        inst.streams[req_id] = stream
+        self.streams[req_id] = stream
+        self.sock.send_multipart(
+            [inst.identity, P.encode(P.Generate(req_id, prompt_token_ids, params, kv_transfer_params))])
+        return stream
+
+    def release(self, stream: DeltaStream) -> None:
+        """Forget a request; if the engine has not finished it, abort it there."""
+        self.streams.pop(stream.req_id, None)
+        inst = stream.instance
+        if inst.streams.pop(stream.req_id, None) is not None and not stream.done and inst.up:
+            self.sock.send_multipart([inst.identity, P.encode(P.Abort([stream.req_id]))])
+
+    # ---- incoming -------------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        decode = P.decode_to_head
+        streams = self.streams
+        while True:
+            identity, payload = await self.sock.recv_multipart()
+            msg = decode(payload)
+            if type(msg) is P.StepOutputs:
+                for delta in msg.deltas:
+                    stream = streams.get(delta.req_id)
+                    if stream is not None:
+                        stream.push(delta)
+                        if delta.finish_reason is not None:
+                            del streams[delta.req_id]
+                            stream.instance.streams.pop(delta.req_id, None)
+                continue
+            inst = self.by_identity.get(identity)
+            if inst is None:
+                log.warning("message from unknown instance %r ignored", identity)
+            elif type(msg) is P.Heartbeat:
+                self._heartbeat(inst, msg)
+            elif type(msg) is P.Goodbye:
+                self._drop(inst, f"instance {inst.index} left: {msg.reason}")
+
+    def _heartbeat(self, inst: Instance, hb: P.Heartbeat) -> None:
+        inst.last_seen = time.monotonic()
+        load = hb.load
+        inst.running, inst.waiting, inst.kv_usage = load.running, load.waiting, load.kv_usage
+        inst.num_kv_blocks, inst.block_size = load.num_kv_blocks, load.block_size
+        labels = (inst.index, inst.role)
+        self.metrics.instance_running.labels(*labels).set(load.running)
+        self.metrics.instance_waiting.labels(*labels).set(load.waiting)
+        self.metrics.instance_kv_usage.labels(*labels).set(load.kv_usage)
+        if not inst.up and hb.ready:
+            inst.up = inst.ever_up = True
+            self.metrics.instance_up.labels(*labels).set(1)
+            log.info("instance %d (%s) at %s is up", inst.index, inst.role, inst.address)
+
+    async def _watch(self) -> None:
+        period = min(0.25, self.heartbeat_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for inst in self.instances:
+                if inst.up and now - inst.last_seen > self.heartbeat_timeout_s:
+                    self._drop(inst, f"instance {inst.index} ({inst.role}) missed heartbeats for "
+                                     f"{now - inst.last_seen:.1f} s")
+
+    def _drop(self, inst: Instance, reason: str) -> None:
+        if not inst.up:
+            return
+        log.warning("%s; taking it out of rotation", reason)
+        inst.up = False
+        self.metrics.instance_up.labels(inst.index, inst.role).set(0)
+        failed, inst.streams = inst.streams, {}
+        for req_id, stream in failed.items():
+            self.streams.pop(req_id, None)
+            stream.push(P.Delta(req_id, [], finish_reason="error",
+                                error=f"engine instance {inst.index} failed during the request"))

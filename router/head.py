@@ -1,0 +1,142 @@
+"""Rank 0: the OpenAI endpoint, the router and the control plane's hub.
+
+Signals: SIGUSR2 (Slurm's preemption warning, and what `slurmserve serve` sends on Ctrl-C) drains:
+new requests get 503, in-flight ones finish within `runtime.shutdown_grace_s`, then every engine
+instance is told to shut down. SIGTERM and SIGINT do the same with no waiting for in-flight work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from pathlib import Path
+
+import uvicorn
+import zmq
+import zmq.asyncio
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from slurmserve.config import DeploymentConfig
+from slurmserve.router.engine_client import EngineClient, Instance
+from slurmserve.router.http_app import HeadApp
+from slurmserve.router.metrics import HeadMetrics
+from slurmserve.router.orchestrator import Orchestrator
+from slurmserve.router.policies import make_policy
+from slurmserve.router.tokenizer import Tokenizer
+from slurmserve.runtime.bootstrap import World
+
+log = logging.getLogger(__name__)
+
+
+class NoDelayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with Nagle off: small SSE chunks and keep-alive responses
+    otherwise wait for the peer's delayed ACK (about 40 ms per request)."""
+
+    def connection_made(self, transport):
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
+
+
+def write_private(path: Path, data: str) -> None:
+    """Write a file only its owner can read, in a directory only its owner can enter, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def load_api_key(cfg: DeploymentConfig) -> str:
+    if cfg.api_key_file is not None:
+        try:
+            key = cfg.api_key_file.read_text().strip()
+        except OSError as e:
+            raise SystemExit(f"api_key_file {cfg.api_key_file}: {e.strerror}") from None
+        if not key:
+            raise SystemExit(f"api_key_file {cfg.api_key_file} is empty")
+        return key
+    key = "sk-" + secrets.token_urlsafe(32)
+    write_private(cfg.log_dir / "api_key", key + "\n")
+    return key
+
+
+class Head:
+    def __init__(self, cfg: DeploymentConfig, zctx: zmq.asyncio.Context, sock: zmq.asyncio.Socket):
+        self.cfg = cfg
+        self.zctx = zctx
+        self.sock = sock
+
+    @staticmethod
+    def bind_control_socket(address: str) -> tuple[zmq.asyncio.Context, zmq.asyncio.Socket, str]:
+        zctx = zmq.asyncio.Context()
+        sock = zctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        port = sock.bind_to_random_port(f"tcp://{address}")
+        return zctx, sock, f"tcp://{address}:{port}"
+
+    async def run(self, world: World) -> int:
+        cfg = self.cfg
+        metrics = HeadMetrics(cfg.model.served_name)
+        instances = [Instance(index=i, role=role, identity=f"instance-{i}".encode(), address=r.address)
+                     for i, (role, r) in enumerate(zip(cfg.pools.instances(), world.instance_leaders(cfg)))]
+        roles = {i.role for i in instances}
+        client = EngineClient(self.sock, instances, {r: make_policy(cfg.router.policy) for r in roles},
+                              metrics, cfg.runtime.heartbeat_timeout_s)
+        client.start()
+        tokenizer = Tokenizer(cfg.model.path)
+        app = HeadApp(orchestrator=Orchestrator(client, metrics, cfg.pools.disaggregated),
+                      tokenizer=tokenizer, metrics=metrics, model_name=cfg.model.served_name,
+                      max_model_len=cfg.model.max_model_len, api_key=load_api_key(cfg),
+                      max_concurrent=cfg.router.max_concurrent_requests)
+
+        listener = socket.create_server((cfg.router.host, cfg.router.port), backlog=2048)
+        host, port = listener.getsockname()[:2]
+        server = uvicorn.Server(uvicorn.Config(
+            app, loop="none", http=NoDelayHttpProtocol, lifespan="off", access_log=False,
+            log_level="warning", timeout_keep_alive=30, backlog=2048))
+        serve_task = asyncio.create_task(server.serve(sockets=[listener]))
+
+        stop = asyncio.Event()
+        drain = {"grace": 0.0}
+
+        def on_signal(sig: int) -> None:
+            drain["grace"] = cfg.runtime.shutdown_grace_s if sig == signal.SIGUSR2 else 0.0
+            log.info("received %s: draining", signal.Signals(sig).name)
+            stop.set()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+        info = {"url": f"http://{host}:{port}/v1", "host": host, "port": port, "pid": os.getpid(),
+                "model": cfg.model.served_name, "started": time.time(),
+                "api_key_file": str(cfg.api_key_file or cfg.log_dir / "api_key"),
+                "instances": [{"index": i.index, "role": i.role, "address": r.address, "pid": r.pid,
+                               "hostname": r.hostname}
+                              for i, r in zip(instances, world.instance_leaders(cfg))]}
+        write_private(cfg.log_dir / "endpoint.json", json.dumps(info, indent=2) + "\n")
+        log.info("serving %s at http://%s:%d/v1 (%d engine instances)", cfg.model.served_name, host,
+                 port, len(instances))
+        await stop.wait()
+
+        app.draining = True
+        deadline = time.monotonic() + drain["grace"]
+        while app.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        server.should_exit = True
+        await client.close("head shutting down", grace_s=max(2.0, cfg.runtime.shutdown_grace_s))
+        await serve_task
+        self.sock.close(linger=0)
+        self.zctx.term()
+        return 0

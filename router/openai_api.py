@@ -1,0 +1,223 @@
+"""OpenAI request schemas, validation into engine requests, and response/chunk encoding.
+
+Requests are decoded with msgspec straight into typed structs: a wrong type or range becomes a
+400 whose message names the field. Streamed chunks are written from per-request byte templates,
+so a chunk costs one JSON string escape, not a dict build and a full encode.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+from slurmserve.runtime.protocol import SamplingParams
+
+
+class APIError(Exception):
+    """An error the client caused or must be told about, rendered as OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return msgspec.json.encode({"error": {"message": self.message, "type": self.type,
+                                              "param": self.param, "code": self.code}})
+
+
+class StreamOptions(Struct, forbid_unknown_fields=False):
+    include_usage: bool = False
+
+
+class _Common(Struct, kw_only=True, forbid_unknown_fields=False):
+    model: str
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Meta(ge=0)] = 0
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    logprobs: Any = None
+    user: str | None = None
+
+
+class CompletionRequest(_Common, kw_only=True):
+    prompt: str | list[Any]
+    echo: bool = False
+
+
+class ChatRequest(_Common, kw_only=True):
+    messages: Annotated[list[dict[str, Any]], Meta(min_length=1)]
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+_completion_decoder = msgspec.json.Decoder(CompletionRequest)
+_chat_decoder = msgspec.json.Decoder(ChatRequest)
+_LOC = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def parse(body: bytes, chat: bool) -> CompletionRequest | ChatRequest:
+    try:
+        return (_chat_decoder if chat else _completion_decoder).decode(body)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        m = _LOC.search(text)
+        param = m.group(1) if m else None
+        msg = _LOC.sub("", text)
+        raise APIError(400, f"{param}: {msg}" if param else msg, param=param) from None
+    except msgspec.DecodeError as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+
+
+def check_supported(req: _Common) -> None:
+    if req.n != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    if req.logprobs not in (None, False):
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    if req.min_tokens and req.max_tokens is not None and req.min_tokens > req.max_tokens:
+        raise APIError(400, "min_tokens must be at most max_tokens", param="min_tokens")
+
+
+def completion_prompt(req: CompletionRequest) -> str | list[int]:
+    """The one prompt of a completion request: text, or token ids."""
+    p = req.prompt
+    if isinstance(p, str):
+        return p
+    if len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]
+        if isinstance(p, str):
+            return p
+    if p and all(type(t) is int for t in p):
+        return p
+    if not p:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    raise APIError(400, "prompt must be a string, a list of token ids, or a one-element list of "
+                        "either (one prompt per request)", param="prompt")
+
+
+def sampling_params(req: _Common, prompt_len: int, max_model_len: int, vocab_size: int,
+                    eos_token_id: int | None, chat: bool) -> SamplingParams:
+    max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens else req.max_tokens
+    if max_tokens is None:
+        # OpenAI's completions default is 16; chat defaults to the rest of the context, as vLLM does.
+        max_tokens = max_model_len - prompt_len if chat else 16
+    if prompt_len + max(max_tokens, 1) > max_model_len or max_tokens < 1:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, "
+                            f"you requested {prompt_len + max_tokens} tokens ({prompt_len} in the "
+                            f"messages, {max_tokens} in the completion). Please reduce the length of "
+                            f"the messages or completion.", param="messages" if chat else "prompt",
+                       code="context_length_exceeded")
+    if req.seed is not None and not (-(2**63) <= req.seed < 2**63):
+        raise APIError(400, "seed is out of range", param="seed")
+    top_k = req.top_k if req.top_k not in (None, 0) else -1
+    stop_ids = [] if req.ignore_eos or eos_token_id is None else [eos_token_id]
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=top_k,
+        seed=req.seed,
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+        stop_token_ids=stop_ids,
+    )
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    for t in ids:
+        if not 0 <= t < vocab_size:
+            raise APIError(400, f"token id {t} is out of vocabulary (size {vocab_size})", param="prompt")
+
+
+def stop_strings(req: _Common) -> list[str]:
+    if req.stop is None:
+        return []
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop
+    if any(not s for s in stops):
+        raise APIError(400, "stop strings must not be empty", param="stop")
+    return stops
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def full_response(chat: bool, rid: str, model: str, text: str, finish_reason: str, usage_: dict) -> bytes:
+    created = int(time.time())
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    return msgspec.json.encode({"id": rid, "object": obj, "created": created, "model": model,
+                                "choices": [choice], "usage": usage_})
+
+
+class ChunkWriter:
+    """SSE chunks of one streamed response, built from byte templates made once per request."""
+
+    __slots__ = ("_head", "_chat", "_usage_head")
+
+    def __init__(self, chat: bool, rid: str, model: str):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        created = int(time.time())
+        enc = msgspec.json.encode
+        self._chat = chat
+        self._head = (b'data: {"id":' + enc(rid) + b',"object":"' + obj.encode() + b'","created":'
+                      + str(created).encode() + b',"model":' + enc(model) + b',"choices":[')
+        self._usage_head = self._head
+
+    def role(self) -> bytes:
+        return self._head + b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,' \
+                            b'"finish_reason":null}]}\n\n'
+
+    def text(self, text: str, finish_reason: str | None = None) -> bytes:
+        fr = b"null" if finish_reason is None else b'"' + finish_reason.encode() + b'"'
+        t = msgspec.json.encode(text)
+        if self._chat:
+            body = b'{"index":0,"delta":{"content":' + t + b'},"logprobs":null,"finish_reason":' + fr
+        else:
+            body = b'{"index":0,"text":' + t + b',"logprobs":null,"finish_reason":' + fr
+        return self._head + body + b"}]}\n\n"
+
+    def finish(self, finish_reason: str) -> bytes:
+        fr = b'"' + finish_reason.encode() + b'"'
+        if self._chat:
+            body = b'{"index":0,"delta":{},"logprobs":null,"finish_reason":' + fr
+        else:
+            body = b'{"index":0,"text":"","logprobs":null,"finish_reason":' + fr
+        return self._head + body + b"}]}\n\n"
+
+    def usage(self, usage_: dict) -> bytes:
+        return self._usage_head + b'],"usage":' + msgspec.json.encode(usage_) + b"}\n\n"
+
+    @staticmethod
+    def error(err: APIError) -> bytes:
+        return b"data: " + err.body() + b"\n\n"
+
+    DONE = b"data: [DONE]\n\n"

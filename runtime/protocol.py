@@ -1,0 +1,88 @@
+"""Messages between the head and the engine ranks over ZeroMQ: msgspec structs in msgpack.
+
+One ROUTER socket on the head, one DEALER per engine instance. Workers send one `StepOutputs` per
+engine step carrying every request's new tokens, not one message per token. Bumping
+PROTOCOL_VERSION is required whenever a struct changes; ranks compare it at bootstrap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = []
+
+
+# ---- head -> worker -----------------------------------------------------------------------------
+
+class Generate(msgspec.Struct, tag=True, omit_defaults=True):
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    # Disaggregation: a prefill-only leg sets {"do_remote_decode": True, ...}; the decode leg
+    # carries the params the prefill leg returned, untouched.
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+class Abort(msgspec.Struct, tag=True):
+    req_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    reason: str = ""
+
+
+# ---- worker -> head -----------------------------------------------------------------------------
+
+class Delta(msgspec.Struct, omit_defaults=True, array_like=True):
+    req_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int = 0         # set on the first delta
+    num_cached_tokens: int = 0         # set on the first delta: prefix-cache hits (local or remote)
+    error: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None  # set on a prefill-only leg's final delta
+
+
+class StepOutputs(msgspec.Struct, tag=True):
+    deltas: list[Delta]
+
+
+class Load(msgspec.Struct, omit_defaults=True):
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0          # fraction of KV blocks in use, 0..1
+    num_kv_blocks: int = 0
+    block_size: int = 0
+
+
+class Heartbeat(msgspec.Struct, tag=True):
+    instance: int
+    load: Load
+    ready: bool = True
+
+
+class Goodbye(msgspec.Struct, tag=True):
+    instance: int
+    reason: str = ""
+
+
+ToWorker = Generate | Abort | Shutdown
+ToHead = StepOutputs | Heartbeat | Goodbye
+
+_enc = msgspec.msgpack.Encoder()
+encode = _enc.encode
+decode_to_worker = msgspec.msgpack.Decoder(ToWorker).decode
+decode_to_head = msgspec.msgpack.Decoder(ToHead).decode

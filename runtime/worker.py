@@ -1,0 +1,105 @@
+"""The engine rank's loop: requests in from the head, one message per engine step back out.
+
+Every request runs as a task that appends its deltas to a shared list; the first append of a
+loop iteration schedules one flush, so all the tokens an engine step produced leave together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import zmq
+import zmq.asyncio
+
+from slurmserve.runtime import protocol as P
+from slurmserve.runtime.engine import Engine, EngineRequest
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, engine: Engine, head_endpoint: str, instance: int, heartbeat_interval_s: float):
+        self.engine = engine
+        self.instance = instance
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, f"instance-{instance}".encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(head_endpoint)
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.pending: list[P.Delta] = []
+        self.flush_scheduled = False
+        self.stopping = asyncio.Event()
+
+    # ---- outputs --------------------------------------------------------------------------------
+
+    def _emit(self, delta: P.Delta) -> None:
+        self.pending.append(delta)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if self.pending:
+            batch, self.pending = self.pending, []
+            self.sock.send(P.encode(P.StepOutputs(batch)))
+
+    async def _run_request(self, msg: P.Generate) -> None:
+        req = EngineRequest(msg.req_id, msg.prompt_token_ids, msg.params, msg.kv_transfer_params)
+        try:
+            async for delta in self.engine.generate(req):
+                self._emit(delta)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # an engine failure ends this request, not the worker
+            log.exception("request %s failed in the engine", msg.req_id)
+            self._emit(P.Delta(msg.req_id, [], finish_reason="error", error=f"engine error: {e}"))
+        finally:
+            self.tasks.pop(msg.req_id, None)
+
+    # ---- loops ----------------------------------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        while not self.stopping.is_set():
+            self.sock.send(P.encode(P.Heartbeat(self.instance, self.engine.load())))
+            try:
+                await asyncio.wait_for(self.stopping.wait(), self.heartbeat_interval_s)
+            except TimeoutError:
+                pass
+
+    async def _receive(self) -> None:
+        while True:
+            msg = P.decode_to_worker(await self.sock.recv())
+            if isinstance(msg, P.Generate):
+                self.tasks[msg.req_id] = asyncio.create_task(self._run_request(msg))
+            elif isinstance(msg, P.Abort):
+                for req_id in msg.req_ids:
+                    if req_id in self.tasks:
+                        self.engine.abort(req_id)
+            elif isinstance(msg, P.Shutdown):
+                log.info("shutdown requested by the head: %s", msg.reason)
+                self.stopping.set()
+                return
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.engine.start()
+        tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._receive())]
+        await self.stopping.wait()
+        for t in tasks:
+            t.cancel()
+        for req_id in list(self.tasks):
+            self.engine.abort(req_id)
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=2.0)
+        self._flush()
+        self.sock.send(P.encode(P.Goodbye(self.instance, "shutdown")))
+        await self.engine.stop()
+        self.sock.close(linger=200)
+        self.ctx.term()

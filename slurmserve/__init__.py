@@ -1,0 +1,3 @@
+"""slurmserve: Slurm-native LLM serving."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from slurmserve.launcher.cli import main
+
+main()

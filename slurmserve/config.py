@@ -1,0 +1,226 @@
+"""The deployment config: one pydantic model, loaded from YAML, with --set overrides.
+
+Every rank of a deployment reads the same file, so everything a rank needs to find its role
+is derivable from the config plus its MPI rank.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message lists every problem with its key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    path: Path = Field(description="Local model directory (weights, config.json, tokenizer).")
+    name: str | None = Field(None, description="Served model name; defaults to the directory name.")
+    max_model_len: int = Field(4096, gt=0, description="Longest prompt + completion accepted, in tokens.")
+
+    @property
+    def served_name(self) -> str:
+        return self.name or self.path.name
+
+
+class SimConfig(_Strict):
+    """Simulated engine: continuous batching over paged KV blocks with a polynomial step-time model."""
+
+    speedup: float = Field(1.0, gt=0, description="Divides every step time; .inf means no sleeping.")
+    max_num_seqs: int = Field(256, gt=0)
+    max_num_batched_tokens: int = Field(8192, gt=0)
+    num_kv_blocks: int = Field(2048, gt=0)
+    block_size: int = Field(16, gt=0)
+    # prefill_ms = a*T^2 + b*T + c with T uncached tokens in the step (default: a published simulator's fit).
+    prefill_coeffs: tuple[float, float, float] = (4.209989e-07, 1.518344e-02, 16.50142)
+    # decode_ms = a*u^2 + b*u + c with u the KV utilization, floored at 1 ms.
+    decode_coeffs: tuple[float, float, float] = (-25.74, 54.01, 5.74)
+    seed: int = 0
+
+
+class EngineConfig(_Strict):
+    kind: Literal["sim", "vllm", "trtllm"] = "sim"
+    tensor_parallel_size: int = Field(1, ge=1)
+    args: dict[str, Any] = Field(default_factory=dict, description="Passed through to the engine.")
+    sim: SimConfig = Field(default_factory=SimConfig)
+
+    @property
+    def ranks_per_instance(self) -> int:
+        # TensorRT-LLM runs one MPI rank per GPU; vLLM and the simulator own a whole instance in one rank.
+        return self.tensor_parallel_size if self.kind == "trtllm" else 1
+
+
+class PoolsConfig(_Strict):
+    """Either one aggregated pool (`workers`) or a prefill pool and a decode pool."""
+
+    workers: int | None = Field(None, ge=1)
+    prefill: int | None = Field(None, ge=1)
+    decode: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> PoolsConfig:
+        if self.workers is not None and (self.prefill is not None or self.decode is not None):
+            raise ValueError("set either `workers` (aggregated) or `prefill` + `decode`, not both")
+        if self.workers is None and (self.prefill is None or self.decode is None):
+            raise ValueError("set `workers` for an aggregated pool, or both `prefill` and `decode`")
+        return self
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.workers is None
+
+    def instances(self) -> list[str]:
+        """Role of each engine instance, in rank order."""
+        if self.disaggregated:
+            return ["prefill"] * self.prefill + ["decode"] * self.decode
+        return ["worker"] * self.workers
+
+
+class RouterConfig(_Strict):
+    host: str = Field("127.0.0.1", description="HTTP bind address: loopback or the job's interface.")
+    port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
+    policy: Literal["round_robin", "least_loaded"] = "round_robin"
+    request_timeout_s: float = Field(600.0, gt=0)
+    max_concurrent_requests: int = Field(4096, gt=0)
+
+
+class RuntimeConfig(_Strict):
+    interface: str | None = Field(
+        None, description="Network interface for ZeroMQ between ranks; default: loopback when all "
+                          "ranks share one host, else the address the hostname resolves to.")
+    heartbeat_interval_s: float = Field(0.5, gt=0, le=1.0)
+    heartbeat_timeout_s: float = Field(2.0, gt=0)
+    shutdown_grace_s: float = Field(5.0, ge=0)
+
+
+class DeploymentConfig(_Strict):
+    model: ModelConfig
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    pools: PoolsConfig = Field(default_factory=lambda: PoolsConfig(workers=1))
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    api_key_file: Path | None = Field(
+        None, description="File holding the API key clients must send; generated 0600 when absent.")
+    log_dir: Path = Field(Path("runs/latest"), description="Per-rank logs and the generated API key.")
+
+    @property
+    def world_size(self) -> int:
+        """MPI ranks the deployment needs: the head plus every engine rank."""
+        return 1 + len(self.pools.instances()) * self.engine.ranks_per_instance
+
+    @model_validator(mode="after")
+    def _engine_fits(self) -> DeploymentConfig:
+        sim = self.engine.sim
+        if self.engine.kind == "sim" and sim.num_kv_blocks * sim.block_size < self.model.max_model_len:
+            raise ValueError(
+                f"engine.sim holds {sim.num_kv_blocks * sim.block_size} KV tokens, fewer than "
+                f"model.max_model_len={self.model.max_model_len}")
+        return self
+
+
+def _parse_scalar(text: str) -> Any:
+    """`--set` values are YAML scalars, so `4`, `true`, `.inf`, `[1,2]` and `null` mean what they say."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = _parse_scalar(value)
+    return data
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} error(s)"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> DeploymentConfig:
+    """Load a YAML file (or the embedded default when path is None) and apply `--set` overrides.
+
+    Relative paths inside the file are taken relative to the file, so a config works from any cwd.
+    """
+    if path is None:
+        data, base, source = default_config_dict(), Path.cwd(), "<embedded default>"
+    else:
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        base, source = p.resolve().parent, str(path)
+    data = apply_overrides(data, list(overrides))
+    try:
+        cfg = DeploymentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, source)) from None
+    return _resolve_paths(cfg, base)
+
+
+def _resolve_paths(cfg: DeploymentConfig, base: Path) -> DeploymentConfig:
+    def fix(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    cfg.model.path = fix(cfg.model.path)
+    cfg.log_dir = fix(cfg.log_dir)
+    if cfg.api_key_file is not None:
+        cfg.api_key_file = fix(cfg.api_key_file)
+    return cfg
+
+
+def default_model_dir() -> Path:
+    """Where `slurmserve model make-tiny` puts the demo model when no directory is given."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return root / "slurmserve" / "tiny-llama"
+
+
+def default_config_dict() -> dict:
+    """The embedded default: the tiny model on four simulated workers behind a loopback head."""
+    return {
+        "model": {"path": str(default_model_dir()), "name": "tiny-llama", "max_model_len": 2048},
+        "engine": {"kind": "sim"},
+        "pools": {"workers": 4},
+        "router": {"host": "127.0.0.1", "port": 8000},
+        "log_dir": str(Path.cwd() / "runs" / "default"),
+    }
+
+
+def dump_config(cfg: DeploymentConfig) -> str:
+    data = cfg.model_dump(mode="json")
+    data["engine"]["sim"]["speedup"] = _inf_safe(cfg.engine.sim.speedup)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _inf_safe(x: float) -> float | str:
+    return ".inf" if math.isinf(x) else x

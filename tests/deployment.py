@@ -1,0 +1,109 @@
+"""Run a real local deployment (`slurmserve serve`, i.e. mpirun + every rank) for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+from openai import OpenAI
+
+
+def processes_matching(needle: str) -> list[int]:
+    """PIDs whose command line contains `needle` (a path unique to one deployment)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmdline and int(entry.name) != os.getpid():
+            pids.append(int(entry.name))
+    return pids
+
+
+class LocalDeployment:
+    def __init__(self, tmp: Path, config: dict, name: str = "dep"):
+        self.dir = tmp / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = dict(config, log_dir=str(self.dir / "logs"))
+        self.config_path = self.dir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log = open(self.dir / "serve.log", "wb")
+        self.proc: subprocess.Popen | None = None
+        self.info: dict = {}
+
+    def start(self, timeout: float = 120) -> LocalDeployment:
+        self.proc = subprocess.Popen([sys.executable, "-m", "slurmserve", "serve", str(self.config_path)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        endpoint = self.dir / "logs" / "endpoint.json"
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{self.output()}")
+            if endpoint.exists() and self.health() == 200:
+                self.info = json.loads(endpoint.read_text())
+                return self
+            time.sleep(0.1)
+        raise TimeoutError(f"deployment not ready after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.dir / "serve.log").read_text(errors="replace")[-6000:]
+
+    @property
+    def api_key(self) -> str:
+        return Path(self.info["api_key_file"]).read_text().strip()
+
+    @property
+    def base(self) -> str:
+        info = self.info or json.loads((self.dir / "logs" / "endpoint.json").read_text())
+        return f"http://{info['host']}:{info['port']}"
+
+    def health(self) -> int:
+        try:
+            with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except (OSError, KeyError, ValueError):
+            return 0
+
+    def client(self, **kw) -> OpenAI:
+        return OpenAI(base_url=self.info["url"], api_key=self.api_key, max_retries=0, **kw)
+
+    def metrics(self) -> str:
+        req = urllib.request.Request(self.base + "/metrics",
+                                     headers={"Authorization": f"Bearer {self.api_key}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.read().decode()
+
+    def pids(self) -> list[int]:
+        return processes_matching(str(self.config_path))
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.log.close()
+
+    def kill(self) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()

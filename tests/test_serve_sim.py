@@ -1,0 +1,313 @@
+"""End to end over real mpirun: head + simulated engines, driven through the openai client."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import re
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from deployment import LocalDeployment
+from slurmserve.router.tokenizer import Tokenizer
+
+MODEL = "tiny-llama"
+
+
+def sim_config(model_dir, **pools):
+    return {
+        "model": {"path": str(model_dir), "name": MODEL, "max_model_len": 512},
+        "engine": {"kind": "sim", "sim": {"speedup": 20.0, "num_kv_blocks": 256, "block_size": 16}},
+        "pools": pools or {"workers": 4},
+        "router": {"host": "127.0.0.1", "port": 0, "policy": "round_robin"},
+        "runtime": {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 1.5},
+    }
+
+
+@pytest.fixture(scope="module")
+def agg(tiny_model_dir, tmp_path_factory):
+    dep = LocalDeployment(tmp_path_factory.mktemp("agg"), sim_config(tiny_model_dir)).start()
+    yield dep
+    dep.stop()
+    dep.kill()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# ---- happy paths --------------------------------------------------------------------------------
+
+def test_models(agg):
+    assert [m.id for m in agg.client().models.list().data] == [MODEL]
+
+
+def test_completion_matches_stream(agg, tiny_model_dir):
+    c = agg.client()
+    prompt = "the quick brown fox jumps over the lazy dog"
+    full = c.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                extra_body={"ignore_eos": True})
+    n_prompt = len(Tokenizer(tiny_model_dir).encode(prompt))
+    assert full.usage.prompt_tokens == n_prompt
+    assert full.usage.completion_tokens == 24
+    assert full.choices[0].finish_reason == "length"
+
+    chunks = list(c.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True}))
+    text_chunks = [ch for ch in chunks if ch.choices]
+    assert len(text_chunks) > 2, "tokens must arrive over several chunks"
+    assert "".join(ch.choices[0].text for ch in text_chunks) == full.choices[0].text
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 24
+    assert chunks[-1].usage.prompt_tokens == n_prompt
+
+
+def test_chat_stream_and_not(agg):
+    c = agg.client()
+    msgs = [{"role": "system", "content": "you are a helpful assistant ."},
+            {"role": "user", "content": "what is the capital of france ?"}]
+    full = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, seed=7,
+                                     extra_body={"ignore_eos": True})
+    assert full.choices[0].message.role == "assistant"
+    assert full.usage.completion_tokens == 12
+    stream = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, seed=7, stream=True,
+                                       extra_body={"ignore_eos": True})
+    parts = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
+    assert "".join(parts) == full.choices[0].message.content
+
+
+def test_token_id_prompt_and_prefix_cache(agg):
+    c = agg.client()
+    ids = list(range(10, 10 + 100))
+    first = c.completions.create(model=MODEL, prompt=ids, max_tokens=4, extra_body={"ignore_eos": True})
+    assert first.usage.prompt_tokens == 100
+    # round robin over 4 workers: the fourth repeat lands on the first worker again
+    cached = [c.completions.create(model=MODEL, prompt=ids, max_tokens=4,
+                                   extra_body={"ignore_eos": True}).usage.prompt_tokens_details.cached_tokens
+              for _ in range(4)]
+    assert max(cached) >= 96
+
+
+def test_stop_string(agg):
+    c = agg.client()
+    base = c.completions.create(model=MODEL, prompt="hello world", max_tokens=40, temperature=0,
+                                extra_body={"ignore_eos": True}).choices[0].text
+    assert len(base) > 10
+    stop = base[len(base) // 2: len(base) // 2 + 3]
+    cut = c.completions.create(model=MODEL, prompt="hello world", max_tokens=40, temperature=0, stop=[stop],
+                               extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == base[:base.index(stop)]
+
+
+def test_min_tokens_and_sampling_params(agg):
+    r = agg.client().completions.create(model=MODEL, prompt="one two", max_tokens=8, temperature=0.7,
+                                        top_p=0.9, seed=3, extra_body={"top_k": 5, "min_tokens": 8})
+    assert r.usage.completion_tokens == 8
+
+
+def test_concurrent_requests(agg):
+    c = agg.client()
+
+    def one(i):
+        return c.completions.create(model=MODEL, prompt=f"request {i}", max_tokens=8,
+                                    extra_body={"ignore_eos": True}).usage.completion_tokens
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(one, range(48))) == [8] * 48
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+def _post(dep, path, body, key=True, raw=None):
+    headers = {"Authorization": f"Bearer {dep.api_key}"} if key else {}
+    if raw is not None:
+        headers["content-type"] = "application/json"
+        return httpx.post(dep.base + path, content=raw, headers=headers, timeout=10)
+    return httpx.post(dep.base + path, json=body, headers=headers, timeout=10)
+
+
+@pytest.mark.parametrize("body,raw,status,param", [
+    (None, b'{"model": "tiny-llama", "prompt": ', 400, None),
+    ({"model": "nope", "prompt": "x"}, None, 404, "model"),
+    ({"model": MODEL, "prompt": "x", "temperature": -1}, None, 400, "temperature"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, None, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "ten"}, None, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "n": 2}, None, 400, "n"),
+    ({"model": MODEL, "prompt": [999999]}, None, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x " * 600}, None, 400, "prompt"),
+    ({"model": MODEL}, None, 400, None),
+    ({"model": MODEL, "prompt": "x", "stop": [""]}, None, 400, "stop"),
+])
+def test_bad_completion_requests(agg, body, raw, status, param):
+    r = _post(agg, "/v1/completions", body, raw=raw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if param:
+        assert err["param"] == param
+    assert "Traceback" not in r.text
+
+
+def test_bad_chat_requests(agg):
+    r = _post(agg, "/v1/chat/completions", {"model": MODEL, "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = _post(agg, "/v1/chat/completions",
+              {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+
+
+def test_prompt_too_long_through_openai(agg):
+    with pytest.raises(openai.BadRequestError) as e:
+        agg.client().completions.create(model=MODEL, prompt="x " * 600, max_tokens=4)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_auth_and_routes(agg):
+    assert _post(agg, "/v1/completions", {"model": MODEL, "prompt": "x"}, key=False).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=agg.info["url"], api_key="sk-wrong", max_retries=0).models.list()
+    assert httpx.get(agg.base + "/v1/nothing", headers={"Authorization": f"Bearer {agg.api_key}"}).status_code == 404
+    assert httpx.get(agg.base + "/v1/completions", headers={"Authorization": f"Bearer {agg.api_key}"}).status_code == 405
+    assert httpx.get(agg.base + "/health").status_code == 200
+
+
+def test_api_key_file_private(agg):
+    key_file = agg.info["api_key_file"]
+    assert os.stat(key_file).st_mode & 0o777 == 0o600
+    assert os.stat(os.path.dirname(key_file)).st_mode & 0o777 == 0o700
+
+
+def test_client_disconnect_aborts(agg):
+    before = metric(agg.metrics(), "slurmserve:requests_total", finish_reason="abort")
+    with httpx.stream("POST", agg.base + "/v1/completions", timeout=30,
+                      headers={"Authorization": f"Bearer {agg.api_key}"},
+                      json={"model": MODEL, "prompt": "long one", "max_tokens": 400, "stream": True,
+                            "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        m = agg.metrics()
+        if (metric(m, "slurmserve:requests_total", finish_reason="abort") > before
+                and metric(m, "slurmserve:instance_num_requests_running") == 0):
+            return
+        time.sleep(0.1)
+    pytest.fail("a disconnected stream was not aborted in the engine")
+
+
+def test_metrics(agg):
+    m = agg.metrics()
+    assert metric(m, "slurmserve:requests_total") > 0
+    assert metric(m, "slurmserve:instance_up") == 4
+    assert "slurmserve:time_to_first_token_seconds_bucket" in m
+
+
+# ---- failures and shutdown ----------------------------------------------------------------------
+
+def test_worker_killed_midstream(tiny_model_dir, tmp_path):
+    cfg = sim_config(tiny_model_dir, workers=2)
+    cfg["engine"]["sim"]["speedup"] = 2.0
+    dep = LocalDeployment(tmp_path, cfg).start()
+    try:
+        c = dep.client()
+        victim = dep.info["instances"][0]["pid"]
+
+        def stream(i):
+            try:
+                n = 0
+                for ch in c.completions.create(model=MODEL, prompt=f"stream {i}", max_tokens=60, stream=True,
+                                               extra_body={"ignore_eos": True}):
+                    n += bool(ch.choices and ch.choices[0].text)
+                return "ok"
+            except openai.APIError:
+                return "error"
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(stream, i) for i in range(4)]
+            time.sleep(1.0)
+            killed_at = time.time()
+            os.kill(victim, signal.SIGKILL)
+            results = [f.result(timeout=60) for f in futures]
+        assert sorted(results) == ["error", "error", "ok", "ok"], results
+        while metric(dep.metrics(), "slurmserve:instance_up", instance="0") != 0:
+            assert time.time() - killed_at < 3.0, "dead worker still in rotation after 3 s"
+            time.sleep(0.05)
+        for i in range(6):
+            r = c.completions.create(model=MODEL, prompt=f"after {i}", max_tokens=4)
+            assert r.choices[0].text is not None
+        assert dep.health() == 200
+    finally:
+        assert dep.stop() == 0, dep.output()
+        leftover = dep.pids()
+        dep.kill()
+    assert leftover == [], f"processes left after shutdown: {leftover}"
+
+
+def test_shutdown_leaves_no_process(tiny_model_dir, tmp_path):
+    dep = LocalDeployment(tmp_path, sim_config(tiny_model_dir, workers=2)).start()
+    assert len(dep.pids()) >= 4   # serve, mpirun, head, 2 workers
+    started = time.time()
+    assert dep.stop(signal.SIGTERM) == 0, dep.output()
+    assert time.time() - started < 10
+    deadline = time.time() + 3
+    while dep.pids() and time.time() < deadline:
+        time.sleep(0.1)
+    assert dep.pids() == []
+
+
+# ---- disaggregated ------------------------------------------------------------------------------
+
+def test_disaggregated_with_fallback(tiny_model_dir, tmp_path):
+    dep = LocalDeployment(tmp_path, sim_config(tiny_model_dir, prefill=1, decode=1)).start()
+    try:
+        c = dep.client()
+        msgs = [{"role": "user", "content": "paris is the capital . " * 8}]
+        r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 8
+        # the decode instance received the prompt's KV from the prefill instance
+        assert r.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 1
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=8, stream=True, extra_body={"ignore_eos": True})
+            if ch.choices)
+        assert streamed == r.choices[0].message.content
+        m = dep.metrics()
+        assert metric(m, "slurmserve:disagg_requests_total", path="remote_prefill") == 2
+
+        prefill = next(i for i in dep.info["instances"] if i["role"] == "prefill")
+        os.kill(prefill["pid"], signal.SIGKILL)
+        for i in range(3):
+            again = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8,
+                                              extra_body={"ignore_eos": True})
+            assert again.choices[0].message.content == r.choices[0].message.content
+        m = dep.metrics()
+        assert metric(m, "slurmserve:disagg_requests_total", path="remote_prefill") == 2
+        assert sum(metric(m, "slurmserve:disagg_requests_total", path=p) for p in
+                   ("fallback_prefill_failed", "fallback_no_prefill_instance")) == 3
+    finally:
+        assert dep.stop() == 0, dep.output()
+        dep.kill()
+
+
+def test_rank_count_mismatch_is_clear(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    import yaml
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(dict(sim_config(tiny_model_dir), log_dir=str(tmp_path / "logs"))))
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    r = subprocess.run(["mpirun", "-n", "2", "--oversubscribe", sys.executable, "-m", "slurmserve", "run",
+                        str(cfg_path)], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode != 0
+    assert len(re.findall(r"the config needs 5 MPI ranks .* but the job has 2", r.stderr)) == 2
+    assert "Traceback" not in r.stderr
