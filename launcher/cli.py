@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create the tiny demo model at model.path if it does not exist")
     p.set_defaults(func=cmd_serve)
 
+    from slurmserve.bench.cli import register as register_bench
+    register_bench(sub)
+
     p = sub.add_parser("model", help="model utilities")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
     t = msub.add_parser("make-tiny", help="generate a tiny random-weight Llama with its tokenizer")

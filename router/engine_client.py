@@ -185,8 +185,11 @@ class EngineClient:
 
     async def _watch(self) -> None:
         period = min(0.25, self.heartbeat_timeout_s / 4)
+        ping = P.encode(P.Ping())
         while True:
             await asyncio.sleep(period)
+            for inst in self.instances:   # unconnected identities are dropped by the ROUTER
+                self.sock.send_multipart([inst.identity, ping])
             now = time.monotonic()
             for inst in self.instances:
                 if inst.up and now - inst.last_seen > self.heartbeat_timeout_s:

@@ -44,6 +44,10 @@ class Shutdown(msgspec.Struct, tag=True):
     reason: str = ""
 
 
+class Ping(msgspec.Struct, tag=True):
+    """The head is alive; a worker that hears nothing from the head for a while exits."""
+
+
 # ---- worker -> head -----------------------------------------------------------------------------
 
 class Delta(msgspec.Struct, omit_defaults=True, array_like=True):
@@ -79,7 +83,7 @@ class Goodbye(msgspec.Struct, tag=True):
     reason: str = ""
 
 
-ToWorker = Generate | Abort | Shutdown
+ToWorker = Generate | Abort | Shutdown | Ping
 ToHead = StepOutputs | Heartbeat | Goodbye
 
 _enc = msgspec.msgpack.Encoder()

@@ -64,6 +64,7 @@ async def _run_engine_rank(cfg: DeploymentConfig, world: World) -> int:
     # keeps serving until told. SIGTERM/SIGINT stop it directly (handled in Worker.run).
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     engine = create_engine(cfg, ctx)
-    worker = Worker(engine, world.head.endpoints["control"], p.instance, cfg.runtime.heartbeat_interval_s)
+    worker = Worker(engine, world.head.endpoints["control"], p.instance, cfg.runtime.heartbeat_interval_s,
+                    head_timeout_s=max(5.0, 3 * cfg.runtime.heartbeat_timeout_s))
     await worker.run()
     return 0

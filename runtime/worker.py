@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import zmq
 import zmq.asyncio
@@ -20,10 +21,13 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, engine: Engine, head_endpoint: str, instance: int, heartbeat_interval_s: float):
+    def __init__(self, engine: Engine, head_endpoint: str, instance: int, heartbeat_interval_s: float,
+                 head_timeout_s: float):
         self.engine = engine
         self.instance = instance
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.head_timeout_s = head_timeout_s
+        self.head_seen = time.monotonic()
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"instance-{instance}".encode())
@@ -65,6 +69,10 @@ class Worker:
 
     async def _heartbeats(self) -> None:
         while not self.stopping.is_set():
+            if time.monotonic() - self.head_seen > self.head_timeout_s:
+                log.error("no message from the head for %.0f s; shutting down", self.head_timeout_s)
+                self.stopping.set()
+                return
             self.sock.send(P.encode(P.Heartbeat(self.instance, self.engine.load())))
             try:
                 await asyncio.wait_for(self.stopping.wait(), self.heartbeat_interval_s)
@@ -74,6 +82,7 @@ class Worker:
     async def _receive(self) -> None:
         while True:
             msg = P.decode_to_worker(await self.sock.recv())
+            self.head_seen = time.monotonic()
             if isinstance(msg, P.Generate):
                 self.tasks[msg.req_id] = asyncio.create_task(self._run_request(msg))
             elif isinstance(msg, P.Abort):
@@ -90,6 +99,7 @@ class Worker:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
         await self.engine.start()
+        self.head_seen = time.monotonic()
         tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._receive())]
         await self.stopping.wait()
         for t in tasks:

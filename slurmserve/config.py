@@ -6,7 +6,6 @@ is derivable from the config plus its MPI rank.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -217,10 +216,13 @@ def default_config_dict() -> dict:
 
 
 def dump_config(cfg: DeploymentConfig) -> str:
-    data = cfg.model_dump(mode="json")
-    data["engine"]["sim"]["speedup"] = _inf_safe(cfg.engine.sim.speedup)
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(_plain(cfg.model_dump()), sort_keys=False)
 
 
-def _inf_safe(x: float) -> float | str:
-    return ".inf" if math.isinf(x) else x
+def _plain(x: Any) -> Any:
+    """Paths to strings and tuples to lists, so YAML stays plain (and `.inf` stays a float)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return str(x) if isinstance(x, Path) else x

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from deployment import LocalDeployment
+from slurmserve.launcher.local_deployment import LocalDeployment
 from slurmserve.router.tokenizer import Tokenizer
 
 MODEL = "tiny-llama"

@@ -1,4 +1,7 @@
-"""Run a real local deployment (`slurmserve serve`, i.e. mpirun + every rank) for tests."""
+"""A handle on a local deployment (`slurmserve serve` in a subprocess): start, wait ready, client, stop.
+
+Tests and `slurmserve bench scenario` use it to run real deployments (mpirun and every rank).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import yaml
-from openai import OpenAI
 
 
 def processes_matching(needle: str) -> list[int]:
@@ -31,8 +34,8 @@ def processes_matching(needle: str) -> list[int]:
 
 
 class LocalDeployment:
-    def __init__(self, tmp: Path, config: dict, name: str = "dep"):
-        self.dir = tmp / name
+    def __init__(self, workdir: Path, config: dict, name: str = "dep"):
+        self.dir = Path(workdir) / name
         self.dir.mkdir(parents=True, exist_ok=True)
         config = dict(config, log_dir=str(self.dir / "logs"))
         self.config_path = self.dir / "config.yaml"
@@ -77,7 +80,8 @@ class LocalDeployment:
         except (OSError, KeyError, ValueError):
             return 0
 
-    def client(self, **kw) -> OpenAI:
+    def client(self, **kw):
+        from openai import OpenAI   # the openai SDK is a test/bench extra, not a base dependency
         return OpenAI(base_url=self.info["url"], api_key=self.api_key, max_retries=0, **kw)
 
     def metrics(self) -> str:
@@ -107,3 +111,12 @@ class LocalDeployment:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
+
+    def __enter__(self) -> LocalDeployment:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            self.kill()

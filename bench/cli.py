@@ -1,0 +1,149 @@
+"""`slurmserve bench ...` commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from slurmserve.bench import datasets
+from slurmserve.bench.loadgen import run_load, summarize
+from slurmserve.bench.procstat import CpuSampler
+
+
+def _slos(text: list[str] | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    out = {}
+    for item in text:
+        name, _, ms = item.partition(":")
+        if name not in ("ttft", "tpot", "e2e") or not ms:
+            raise SystemExit(f"--goodput {item!r}: expected ttft:MS, tpot:MS or e2e:MS")
+        out[name] = float(ms)
+    return out
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    target = p.add_argument_group("target")
+    target.add_argument("--url", help="OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
+    target.add_argument("--endpoint-file", type=Path,
+                        help="a deployment's endpoint.json: URL, key file, model and pids in one")
+    target.add_argument("--api-key-file", type=Path, help="file holding the API key (never pass keys as args)")
+    target.add_argument("--model", help="served model name (default: the server's first model)")
+    load = p.add_argument_group("load")
+    load.add_argument("--concurrency", type=int, help="closed loop with this many users")
+    load.add_argument("--rate", type=float, help="open loop: requests per second")
+    load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
+    load.add_argument("--num-prompts", type=int, default=200)
+    load.add_argument("--duration", type=float, help="stop sending after this many seconds")
+    load.add_argument("--warmup", type=int, default=0, help="requests sent and discarded first")
+    data = p.add_argument_group("dataset")
+    data.add_argument("--dataset", default="random",
+                      choices=["random", "prefix-repetition", "multi-turn", "sharegpt", "mooncake"])
+    data.add_argument("--dataset-path", type=Path)
+    data.add_argument("--input-len", type=int, default=256)
+    data.add_argument("--output-len", type=int, default=64)
+    data.add_argument("--range-ratio", type=float, default=0.0)
+    data.add_argument("--num-prefixes", type=int, default=8)
+    data.add_argument("--prefix-len", type=int, default=1024)
+    data.add_argument("--suffix-len", type=int, default=128)
+    data.add_argument("--turns", type=int, default=4)
+    data.add_argument("--vocab", type=int, default=400, help="token ids are drawn below this")
+    data.add_argument("--seed", type=int, default=0)
+    out = p.add_argument_group("output")
+    out.add_argument("--goodput", nargs="+", metavar="SLO", help="e.g. ttft:200 tpot:50 e2e:5000 (ms)")
+    out.add_argument("--cpu-pid", action="append", default=[], metavar="NAME=PID",
+                     help="sample CPU time of this process tree (repeatable); with --endpoint-file "
+                          "the head and engine ranks are sampled automatically")
+    out.add_argument("--result-json", type=Path)
+
+
+def build_specs(a) -> list:
+    try:
+        return datasets.build(a.dataset, a.num_prompts + a.warmup, input_len=a.input_len,
+                              output_len=a.output_len, range_ratio=a.range_ratio,
+                              num_prefixes=a.num_prefixes, prefix_len=a.prefix_len,
+                              suffix_len=a.suffix_len, turns=a.turns, vocab=a.vocab, seed=a.seed,
+                              dataset_path=a.dataset_path)
+    except ValueError as e:
+        raise SystemExit(f"slurmserve bench: {e}") from None
+
+
+def cmd_serve(a) -> int:
+    roots: dict[str, int] = {}
+    key = ""
+    if a.endpoint_file:
+        info = json.loads(a.endpoint_file.read_text())
+        a.url = a.url or info["url"]
+        a.model = a.model or info["model"]
+        a.api_key_file = a.api_key_file or Path(info["api_key_file"])
+        roots["head"] = info["pid"]
+        for inst in info.get("instances", []):
+            roots[f"{inst['role']}{inst['index']}"] = inst["pid"]
+    for item in a.cpu_pid:
+        name, _, pid = item.partition("=")
+        roots[name] = int(pid)
+    if not a.url:
+        raise SystemExit("give --url or --endpoint-file")
+    if a.api_key_file:
+        key = a.api_key_file.read_text().strip()
+    if not a.model:
+        import httpx
+        a.model = httpx.get(a.url + "/models", headers={"Authorization": f"Bearer {key}"}).json()["data"][0]["id"]
+    specs = build_specs(a)
+    warm, specs = specs[:a.warmup], specs[a.warmup:]
+    if warm:
+        asyncio.run(run_load(a.url, key, a.model, warm, concurrency=a.concurrency or 8))
+    sampler = CpuSampler(roots)
+    sampler.start()
+    results, wall = asyncio.run(run_load(a.url, key, a.model, specs, concurrency=a.concurrency, rate=a.rate,
+                                         burstiness=a.burstiness, duration_s=a.duration, seed=a.seed))
+    cpu = sampler.stop()
+    summary = summarize(results, wall, _slos(a.goodput))
+    n = max(1, summary["completed"])
+    summary["cpu_ms_per_request"] = {name: s * 1000 / n for name, s in cpu.items()}
+    summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "func"}
+    summary["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if a.result_json:
+        a.result_json.write_text(json.dumps(summary, indent=2))
+    print(markdown(summary))
+    return 0 if summary["failed"] == 0 else 1
+
+
+def markdown(s: dict) -> str:
+    f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    lines = [f"completed {s['completed']}, failed {s['failed']} in {s['wall_s']:.1f} s: "
+             f"{s['request_throughput']:.2f} req/s, {s['output_throughput']:.1f} output tok/s",
+             "", "| metric (ms) | mean | p50 | p90 | p99 |", "|---|---|---|---|---|"]
+    for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        d = s[k]
+        lines.append(f"| {k[:-3].upper()} | {f(d['mean'])} | {f(d['p50'])} | {f(d['p90'])} | {f(d['p99'])} |")
+    if s.get("cached_fraction") is not None:
+        lines.append(f"\ncached prompt-token fraction: {s['cached_fraction']:.3f}")
+    if "goodput" in s:
+        lines.append(f"goodput: {s['goodput']:.2f} req/s under {s['slos_ms']}")
+    for name, ms in s.get("cpu_ms_per_request", {}).items():
+        lines.append(f"cpu {name}: {ms:.3f} ms/request")
+    if s["errors"]:
+        lines.append("errors: " + "; ".join(s["errors"]))
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
+    s = bsub.add_parser("serve", help="load-test an OpenAI-compatible endpoint")
+    add_serve_arguments(s)
+    s.set_defaults(func=cmd_serve)
+    from slurmserve.bench.scenario import register as register_scenario
+    register_scenario(bsub)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args()
+    sys.exit(args.func(args))
