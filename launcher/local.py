@@ -23,8 +23,10 @@ def mpirun_command(cfg: DeploymentConfig, config_path: str | None, overrides: li
         raise SystemExit("slurmserve serve: mpirun not found; install Open MPI (see README: make install)")
     cmd = [mpirun, "-n", str(cfg.world_size), "--oversubscribe", "--bind-to", "none",
            # keep serving when one engine rank dies instead of killing the whole job
-           "--mca", "orte_enable_recovery", "1", "--mca", "orte_abort_on_non_zero_status", "0",
-           "-x", "PATH", "-x", "PYTHONPATH", "-x", "SLURMSERVE_*"]
+           "--mca", "orte_enable_recovery", "1", "--mca", "orte_abort_on_non_zero_status", "0"]
+    for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "PYTHONHASHSEED"):
+        if name in os.environ:
+            cmd += ["-x", name]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     cmd += [sys.executable, "-m", "slurmserve", "run"]

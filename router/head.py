@@ -25,6 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from slurmserve.config import DeploymentConfig
 from slurmserve.router.engine_client import EngineClient, Instance
 from slurmserve.router.http_app import HeadApp
+from slurmserve.router.kv_state import KVState
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.orchestrator import Orchestrator
 from slurmserve.router.policies import make_policy
@@ -87,6 +88,7 @@ class Head:
 
     async def run(self, world: World) -> int:
         cfg = self.cfg
+        tokenizer = Tokenizer(cfg.model.path)   # before the control loops start: it blocks for a while
         metrics = HeadMetrics(cfg.model.served_name)
         instances = [Instance(index=i, role=role, identity=f"instance-{i}".encode(), address=r.address)
                      for i, (role, r) in enumerate(zip(cfg.pools.instances(), world.instance_leaders(cfg)))]
@@ -94,7 +96,10 @@ class Head:
         client = EngineClient(self.sock, instances, {r: make_policy(cfg.router.policy) for r in roles},
                               metrics, cfg.runtime.heartbeat_timeout_s)
         client.start()
-        tokenizer = Tokenizer(cfg.model.path)
+        kv_state = KVState(metrics)
+        for inst, leader in zip(instances, world.instance_leaders(cfg)):
+            if leader.endpoints.get("kv_events"):
+                kv_state.watch(inst.index, leader.endpoints["kv_events"])
         app = HeadApp(orchestrator=Orchestrator(client, metrics, cfg.pools.disaggregated),
                       tokenizer=tokenizer, metrics=metrics, model_name=cfg.model.served_name,
                       max_model_len=cfg.model.max_model_len, api_key=load_api_key(cfg),
@@ -137,6 +142,7 @@ class Head:
         server.should_exit = True
         await client.close("head shutting down", grace_s=max(2.0, cfg.runtime.shutdown_grace_s))
         await serve_task
+        await kv_state.close()
         self.sock.close(linger=0)
         self.zctx.term()
         return 0

@@ -27,7 +27,7 @@ class Worker:
         self.instance = instance
         self.heartbeat_interval_s = heartbeat_interval_s
         self.head_timeout_s = head_timeout_s
-        self.head_seen = time.monotonic()
+        self.head_seen: float | None = None   # the silence clock starts at the head's first message
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"instance-{instance}".encode())
@@ -69,7 +69,7 @@ class Worker:
 
     async def _heartbeats(self) -> None:
         while not self.stopping.is_set():
-            if time.monotonic() - self.head_seen > self.head_timeout_s:
+            if self.head_seen is not None and time.monotonic() - self.head_seen > self.head_timeout_s:
                 log.error("no message from the head for %.0f s; shutting down", self.head_timeout_s)
                 self.stopping.set()
                 return
@@ -99,7 +99,6 @@ class Worker:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
         await self.engine.start()
-        self.head_seen = time.monotonic()
         tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._receive())]
         await self.stopping.wait()
         for t in tasks:

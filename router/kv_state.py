@@ -1,0 +1,47 @@
+"""What the head knows about every engine's KV cache, fed by the engines' KV events.
+
+Today it counts events and tracks which instances' cache state is trustworthy; the fleet KV index
+(KV-aware routing) consumes the same stream.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from slurmserve.kvfabric.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSubscriber
+from slurmserve.router.metrics import HeadMetrics
+
+log = logging.getLogger(__name__)
+
+
+class KVState:
+    def __init__(self, metrics: HeadMetrics):
+        self.metrics = metrics
+        self._count = {cls: metrics.kv_events.labels(cls.__name__) for cls in
+                       (BlockStored, BlockRemoved, AllBlocksCleared)}
+        self.unknown: set[int] = set()   # instances whose cache state we may have missed events of
+        self.subscriber = KVEventSubscriber(self.on_batch, self.on_gap)
+
+    def watch(self, instance: int, endpoint: str) -> None:
+        self.subscriber.add(instance, endpoint)
+
+    def on_batch(self, instance: int, seq: int, events: list) -> None:
+        count = self._count
+        for ev in events:
+            counter = count.get(type(ev))
+            if counter is not None:
+                counter.inc()
+            if type(ev) is AllBlocksCleared:
+                self.unknown.discard(instance)   # an empty cache is known again
+
+    def on_gap(self, instance: int, expected: int, got: int) -> None:
+        if expected == 0 and got > 0:
+            log.info("instance %d: KV events start at seq %d (published before we connected)", instance, got)
+        else:
+            log.warning("instance %d: KV event gap (expected seq %d, got %d); cache state unknown",
+                        instance, expected, got)
+        self.unknown.add(instance)
+        self.metrics.kv_event_gaps.labels(instance).inc()
+
+    async def close(self) -> None:
+        await self.subscriber.aclose()

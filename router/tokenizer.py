@@ -1,0 +1,328 @@
+"""Tokenization on the head: prompts in, chat templates, and streamed detokenization out.
+
+`Tokenizer` wraps the model directory's Hugging Face fast tokenizer (local files only). Encoding
+and decoding call the Rust `tokenizers` backend directly; transformers is used to load the files
+and to render chat templates.
+
+`TextStream` turns the token ids an engine streams back into text deltas for one request:
+
+  * incremental detokenization (`IncrementalDetokenizer`) with the prefix/read-offset technique:
+    each step decodes only a short window (the tokens of the previous delta as context plus the
+    new ones) and emits what the new tokens added, so the total cost is linear in the output
+    length and the concatenated deltas equal a one-shot decode, also for tokenizers where a token
+    decoded alone differs from the token decoded in context (Metaspace/SentencePiece spaces) or
+    holds part of a UTF-8 character (byte-level BPE: text ending in U+FFFD is held back);
+  * stop strings (`StopChecker`), OpenAI semantics: the output ends before the first stop string
+    to complete, which is not included. Text that could be the start of a stop string is held back
+    until it is known not to be one. Only the new text plus the held-back tail is searched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPLACEMENT_CHAR = "\ufffd"   # what decoding an incomplete UTF-8 sequence ends with
+
+# Template arguments that would change what apply_chat_template returns: not for requests.
+_RESERVED_TEMPLATE_KWARGS = frozenset({"tokenize", "return_dict", "return_tensors", "padding",
+                                       "truncation", "max_length", "return_assistant_tokens_mask",
+                                       "tokenizer_kwargs", "conversation", "chat_template"})
+
+
+class Tokenizer:
+    """A model directory's tokenizer: encode, chat template, decode."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        self.path = Path(model_dir)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"tokenizer: {self.path} is not a directory")
+        self.hf = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True, use_fast=True)
+        if not getattr(self.hf, "is_fast", False) or getattr(self.hf, "backend_tokenizer", None) is None:
+            raise ValueError(f"tokenizer: {self.path} has no fast tokenizer (tokenizer.json)")
+        self.backend = self.hf.backend_tokenizer
+        # The head calls encode/decode directly on the backend: make sure no padding or
+        # truncation is configured there.
+        self.backend.no_truncation()
+        self.backend.no_padding()
+
+        self.eos_token_id: int | None = self.hf.eos_token_id
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        # ids run from 0 to vocab_size - 1 (sizes and ids differ only for sparse vocabularies)
+        self.vocab_size: int = max(len(self.hf), max(vocab.values(), default=-1) + 1)
+        # Added tokens flagged special are exactly what decode(skip_special_tokens=True) drops.
+        self.special_ids: frozenset[int] = frozenset(
+            i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+        self.eos_token_ids: tuple[int, ...] = self._eos_ids()
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        """EOS of the tokenizer plus those of generation_config.json (Llama 3 has several)."""
+        ids = [] if self.eos_token_id is None else [self.eos_token_id]
+        try:
+            gen = json.loads((self.path / "generation_config.json").read_text())
+        except (OSError, ValueError):
+            gen = {}
+        extra = gen.get("eos_token_id") if isinstance(gen, dict) else None
+        for i in extra if isinstance(extra, list) else [extra]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+        return tuple(ids)
+
+    # ---- prompts --------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a completion prompt, with the special tokens the tokenizer adds (BOS for
+        most models), as vLLM does for /v1/completions."""
+        return self.backend.encode(text, add_special_tokens=True).ids
+
+    def render_chat_template(self, messages: Sequence[dict[str, Any]],
+                             add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+        """The prompt text the chat template makes of OpenAI-style messages."""
+        from jinja2 import TemplateError
+
+        bad = _RESERVED_TEMPLATE_KWARGS.intersection(template_kwargs)
+        if bad:
+            raise ValueError(f"chat template argument(s) not allowed: {', '.join(sorted(bad))}")
+        msgs = normalize_messages(messages)
+        try:
+            text = self.hf.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt,
+                                               tokenize=False, **template_kwargs)
+        except TemplateError as e:
+            raise ValueError(f"chat template failed: {e}") from None
+        if not isinstance(text, str):   # defensive: a batched call would return a list
+            raise ValueError("chat template did not render a single prompt")
+        return text
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]],
+                            add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
+        """Token ids of a chat prompt. The template writes any BOS itself, so nothing is added
+        when tokenizing its output (vLLM's convention)."""
+        text = self.render_chat_template(messages, add_generation_prompt, **template_kwargs)
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    # ---- output ---------------------------------------------------------------------------------
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """One-shot decode (no clean-up of tokenization spaces, like the streamed text)."""
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, eos={self.eos_token_id})"
+
+
+def normalize_messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI chat messages with every `content` as a string, ready for a chat template.
+
+    Content may be a string, null (→ ""), or a list of parts; parts of type "text" are joined
+    with newlines (vLLM's "string" content format). Other part types raise ValueError."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be an object, got {type(m).__name__}")
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"messages[{i}].role must be a non-empty string")
+        content = m.get("content")
+        if content is None:
+            text = ""
+        elif isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                where = f"messages[{i}].content[{j}]"
+                if not isinstance(part, dict):
+                    raise ValueError(f"{where} must be an object with a 'type', got {type(part).__name__}")
+                kind = part.get("type")
+                if kind != "text":
+                    raise ValueError(f"{where}: content parts of type {kind!r} are not supported "
+                                     f"(this model accepts only 'text' parts)")
+                t = part.get("text")
+                if not isinstance(t, str):
+                    raise ValueError(f"{where}.text must be a string")
+                texts.append(t)
+            text = "\n".join(texts)
+        else:
+            raise ValueError(f"messages[{i}].content must be a string or a list of content parts, "
+                             f"got {type(content).__name__}")
+        out.append({**m, "content": text})
+    return out
+
+
+class IncrementalDetokenizer:
+    """Text deltas of one request's output tokens, fed as they arrive.
+
+    The window `_ids` holds the tokens of the last emitted delta (context; the first `_read` of
+    them) and the tokens not emitted yet. A step decodes the window and emits what it adds to the
+    context's text, unless that ends in U+FFFD (a character cut in the middle). Special tokens are
+    dropped on arrival when they are skipped anyway, so they never grow the window.
+    """
+
+    # Tokens held back waiting for a character to complete before looking for a shorter stable
+    # prefix of the window (a UTF-8 character spans at most 4 tokens).
+    MAX_PENDING = 6
+    # Tokens of prompt context for the first delta (Metaspace/SentencePiece leading spaces).
+    PROMPT_CONTEXT = 5
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True,
+                 prompt_ids: Sequence[int] | None = None):
+        self._backend = tokenizer.backend
+        self._skip = skip_special_tokens
+        self._drop = tokenizer.special_ids if skip_special_tokens else frozenset()
+        ctx = [t for t in (prompt_ids or ())[-self.PROMPT_CONTEXT:] if t not in self._drop]
+        self._ids: list[int] = ctx
+        self._read = len(ctx)
+        self._prefix_text = self._decode(ctx) if ctx else ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._backend.decode(ids, skip_special_tokens=self._skip)
+
+    def step(self, new_ids: Iterable[int]) -> str:
+        """Add output tokens; return the text they complete (possibly "")."""
+        drop = self._drop
+        if drop:
+            self._ids.extend(t for t in new_ids if t not in drop)
+        else:
+            self._ids.extend(new_ids)
+        pending = len(self._ids) - self._read
+        if pending == 0:
+            return ""
+        text = self._decode(self._ids)
+        if len(text) > len(self._prefix_text) and not text.endswith(REPLACEMENT_CHAR):
+            return self._advance(len(self._ids), text)
+        if pending <= self.MAX_PENDING:
+            return ""
+        return self._stable_part(text)
+
+    def flush(self) -> str:
+        """The end of the output: emit whatever is held back, incomplete characters included."""
+        if len(self._ids) == self._read:
+            return ""
+        return self._advance(len(self._ids), self._decode(self._ids))
+
+    def _advance(self, end: int, text: str) -> str:
+        """Emit text (the decode of _ids[:end]) and make _ids[_read:end] the next context."""
+        delta = text[len(self._prefix_text):]
+        del self._ids[:self._read]
+        self._read = end - self._read
+        self._prefix_text = self._decode(self._ids[:self._read]) if self._read else ""
+        return delta
+
+    def _stable_part(self, text: str) -> str:
+        """Many tokens held back: a big chunk ending in part of a character, output that decodes
+        to nothing new, or invalid UTF-8. Emit the longest prefix of the window (looking back a
+        few tokens) whose text is final."""
+        n, prefix_len = len(self._ids), len(self._prefix_text)
+        if len(text) <= prefix_len:   # the new tokens add no text: keep only their context
+            return self._advance(n, text)
+        fallback = None
+        for end in range(n - 1, max(self._read, n - 1 - self.MAX_PENDING), -1):
+            t = self._decode(self._ids[:end])
+            if len(t) <= prefix_len or not text.startswith(t):
+                continue
+            if not t.endswith(REPLACEMENT_CHAR):
+                return self._advance(end, t)
+            if fallback is None and t + self._decode(self._ids[end:]) == text:
+                # ends in invalid bytes that no later token can complete (the split does not
+                # change the text, unlike a split inside a character still being completed)
+                fallback = (end, t)
+        if n - self._read > 4 * self.MAX_PENDING:   # give up waiting: bound the window
+            end, t = fallback or (n, text)
+            return self._advance(end, t)
+        return ""
+
+
+class StopChecker:
+    """Stop strings over a stream of text deltas (OpenAI semantics: the stop string is not part
+    of the output, unless include_stop).
+
+    The output ends at the stop string that completes first; the result does not depend on how
+    the text is split into deltas. A suffix of the text that is the beginning of a stop string is
+    held back until the next delta shows whether it is one.
+    """
+
+    def __init__(self, stop: Iterable[str] | None, *, include_stop: bool = False):
+        self.stops: tuple[str, ...] = tuple(dict.fromkeys(s for s in (stop or ()) if s))
+        self.include_stop = include_stop
+        self._prefixes = frozenset(s[:k] for s in self.stops for k in range(1, len(s)))
+        self._max_held = max((len(s) for s in self.stops), default=1) - 1
+        self._held = ""
+        self.stopped = False
+        self.stop_str: str | None = None   # the stop string that ended the output
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Add text; return (text to emit now, whether a stop string ended the output)."""
+        if self.stopped:
+            return "", True
+        if not self.stops:
+            return delta, False
+        buf = self._held + delta if self._held else delta
+        if not buf:
+            return "", False
+        best_end, best = -1, None
+        for s in self.stops:
+            i = buf.find(s)
+            if i >= 0:
+                end = i + len(s)
+                if best is None or end < best_end or (end == best_end and len(s) > len(best)):
+                    best_end, best = end, s
+        if best is not None:
+            self.stopped, self.stop_str, self._held = True, best, ""
+            return buf[:best_end if self.include_stop else best_end - len(best)], True
+        for k in range(min(self._max_held, len(buf)), 0, -1):
+            if buf[-k:] in self._prefixes:
+                self._held = buf[-k:]
+                return buf[:-k], False
+        self._held = ""
+        return buf, False
+
+    def flush(self) -> str:
+        """The end of the output: the held-back text was not a stop string after all."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+
+class TextStream:
+    """Detokenization plus stop strings for one request.
+
+    feed(ids) -> (text delta, stopped); once stopped, stop feeding (the rest is discarded).
+    finish() -> the held-back text, when the engine ends the output (EOS, length, ...).
+    prompt_ids (optional): the prompt's token ids, as context for the first tokens' text (e.g.
+    SentencePiece's leading space), as vLLM does.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Iterable[str] | None = None, *,
+                 skip_special_tokens: bool = True, include_stop: bool = False,
+                 prompt_ids: Sequence[int] | None = None):
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens,
+                                             prompt_ids=prompt_ids)
+        self._stop = StopChecker(stop, include_stop=include_stop)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.stopped
+
+    @property
+    def stop_str(self) -> str | None:
+        return self._stop.stop_str
+
+    def feed(self, ids: Iterable[int]) -> tuple[str, bool]:
+        if self._stop.stopped:
+            return "", True
+        return self._stop.feed(self._detok.step(ids))
+
+    def finish(self) -> str:
+        if self._stop.stopped:
+            return ""
+        text, stopped = self._stop.feed(self._detok.flush())
+        return text if stopped else text + self._stop.flush()
