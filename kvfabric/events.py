@@ -1,4 +1,4 @@
-"""KV-cache events in vLLM's ZeroMQ wire format: structs, a publisher and an asyncio subscriber.
+"""KV-cache events in vLLM's ZeroMQ wire format: structs, a publisher and a subscriber.
 
 Wire format (vLLM's ZmqEventPublisher): PUB multipart `[topic, seq, payload]` with `seq` an 8-byte
 big-endian counter starting at 0 per publisher, and `payload` msgpack `[ts, [event, ...], dp_rank]`.
@@ -22,7 +22,8 @@ from typing import Any, Union
 
 import msgspec
 import zmq
-import zmq.asyncio
+
+from slurmserve.runtime.zmq_loop import LoopSocket
 
 log = logging.getLogger(__name__)
 
@@ -201,24 +202,25 @@ GapCallback = Callable[[int, int, int], Any]
 
 
 class KVEventSubscriber:
-    """SUB sockets to many engine instances, one socket and one reader task per instance.
+    """SUB sockets to many engine instances, one socket per instance, read by the event loop's
+    reader callbacks (no task or future per message).
 
-    `on_batch(instance, seq, events)` gets every decoded batch (it may be a coroutine function);
-    `on_gap(instance, expected, got)` is called before the batch whenever `seq` is not the one
-    expected: a lost batch (got > expected), a publisher restart (got < expected), or a first batch
-    whose seq is not 0 (events were sent before this subscriber connected).
+    `on_batch(instance, seq, events)` gets every decoded batch (a coroutine function's result is run
+    as a task); `on_gap(instance, expected, got)` is called before the batch whenever `seq` is not
+    the one expected: a lost batch (got > expected), a publisher restart (got < expected), or a first
+    batch whose seq is not 0 (events were sent before this subscriber connected).
     """
 
     def __init__(self, on_batch: BatchCallback, on_gap: GapCallback | None = None,
-                 topic: str = "kv-events", ctx: zmq.asyncio.Context | None = None, rcvhwm: int = 100_000):
+                 topic: str = "kv-events", ctx: zmq.Context | None = None, rcvhwm: int = 100_000):
         self.on_batch = on_batch
         self.on_gap = on_gap
         self.topic = topic.encode()
         self._own_ctx = ctx is None
-        self._ctx = ctx or zmq.asyncio.Context()
+        self._ctx = ctx or zmq.Context()
         self._rcvhwm = rcvhwm
-        self._socks: dict[int, zmq.asyncio.Socket] = {}
-        self._tasks: dict[int, asyncio.Task] = {}
+        self._socks: dict[int, LoopSocket] = {}
+        self._pending: set[asyncio.Task] = set()
         self.endpoints: dict[int, str] = {}
         self.next_seq: dict[int, int] = {}     # per instance: the seq expected next
         self.gaps = 0
@@ -234,19 +236,14 @@ class KVEventSubscriber:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, self.topic)
         sock.connect(endpoint)
-        self._socks[instance] = sock
+        self._socks[instance] = LoopSocket(sock, lambda frames: self._on_frames(instance, frames))
         self.endpoints[instance] = endpoint
         self.next_seq.pop(instance, None)
-        self._tasks[instance] = asyncio.get_running_loop().create_task(
-            self._reader(instance, sock), name=f"kv-events-{instance}")
 
     def remove(self, instance: int) -> None:
-        task = self._tasks.pop(instance, None)
-        if task is not None:
-            task.cancel()
         sock = self._socks.pop(instance, None)
         if sock is not None:
-            sock.close(linger=0)
+            sock.close()
         self.endpoints.pop(instance, None)
         self.next_seq.pop(instance, None)
 
@@ -254,59 +251,45 @@ class KVEventSubscriber:
     def instances(self) -> list[int]:
         return list(self._socks)
 
-    async def _reader(self, instance: int, sock: zmq.asyncio.Socket) -> None:
-        on_batch, decode = self.on_batch, decode_batch
+    def _on_frames(self, instance: int, frames: list[bytes]) -> None:
+        if len(frames) != 3 or len(frames[1]) != 8:
+            self.decode_errors += 1
+            log.warning("instance %d: malformed KV event message (%d frames)", instance, len(frames))
+            return
+        seq = int.from_bytes(frames[1], "big")
+        expected = self.next_seq.get(instance, 0)
+        self.next_seq[instance] = seq + 1
+        if seq != expected:
+            self.gaps += 1
+            if self.on_gap is not None:
+                self._run(self.on_gap(instance, expected, seq))
         try:
-            while True:
-                frames = await sock.recv_multipart()
-                if len(frames) != 3 or len(frames[1]) != 8:
-                    self.decode_errors += 1
-                    log.warning("instance %d: malformed KV event message (%d frames)", instance, len(frames))
-                    continue
-                seq = int.from_bytes(frames[1], "big")
-                expected = self.next_seq.get(instance, 0)
-                self.next_seq[instance] = seq + 1
-                if seq != expected:
-                    self.gaps += 1
-                    if self.on_gap is not None:
-                        r = self.on_gap(instance, expected, seq)
-                        if inspect.isawaitable(r):
-                            await r
-                try:
-                    batch = decode(frames[2])
-                except KVEventDecodeError as e:
-                    self.decode_errors += 1
-                    log.warning("instance %d: undecodable KV event batch %d: %s", instance, seq, e)
-                    continue
-                self.batches += 1
-                try:
-                    r = on_batch(instance, seq, batch.events)
-                    if r is not None and inspect.isawaitable(r):
-                        await r
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("instance %d: KV event callback failed on batch %d", instance, seq)
-        except asyncio.CancelledError:
-            raise
-        except zmq.ZMQError as e:
-            if e.errno != zmq.ENOTSOCK:
-                log.warning("instance %d: KV event socket failed: %s", instance, e)
+            batch = decode_batch(frames[2])
+        except KVEventDecodeError as e:
+            self.decode_errors += 1
+            log.warning("instance %d: undecodable KV event batch %d: %s", instance, seq, e)
+            return
+        self.batches += 1
+        try:
+            self._run(self.on_batch(instance, seq, batch.events))
         except Exception:
-            log.exception("instance %d: KV event reader failed", instance)
+            log.exception("instance %d: KV event callback failed on batch %d", instance, seq)
+
+    def _run(self, result: Any) -> None:
+        if result is not None and inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
 
     async def aclose(self) -> None:
-        tasks = list(self._tasks.values())
-        for instance in list(self._socks):
-            self.remove(instance)
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        if self._own_ctx:
-            self._ctx.term()
+        self.close()
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
 
     def close(self) -> None:
-        """Synchronous close: cancels the readers and closes every socket."""
+        """Closes every socket; callbacks already running as tasks are left to finish."""
         for instance in list(self._socks):
             self.remove(instance)
         if self._own_ctx:
             self._ctx.term()
+            self._own_ctx = False

@@ -14,11 +14,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
-import zmq.asyncio
 
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.policies import Policy
 from slurmserve.runtime import protocol as P
+from slurmserve.runtime.zmq_loop import LoopSocket
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +69,38 @@ class DeltaStream:
         return self
 
     async def __anext__(self) -> P.Delta:
+        """The next delta; deltas that queued up while the consumer was busy come merged as one,
+        so a slow client costs one detokenize-and-send per wake-up, not one per engine step."""
         if self.done and not self._items:
             raise StopAsyncIteration
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
-        delta = self._items.popleft()
+        items = self._items
+        delta = items.popleft()
+        if items:
+            delta = _merge(delta, items)
         if delta.finish_reason is not None:
             self.done = True
         return delta
 
 
+def _merge(first: P.Delta, rest: deque[P.Delta]) -> P.Delta:
+    tokens = list(first.token_ids)
+    last = first
+    while rest and last.finish_reason is None:
+        last = rest.popleft()
+        tokens += last.token_ids
+    return P.Delta(first.req_id, tokens, last.finish_reason, first.num_prompt_tokens,
+                   first.num_cached_tokens, last.error, last.kv_transfer_params)
+
+
 class EngineClient:
-    def __init__(self, sock: zmq.asyncio.Socket, instances: list[Instance], policies: dict[str, Policy],
+    def __init__(self, sock: zmq.Socket, instances: list[Instance], policies: dict[str, Policy],
                  metrics: HeadMetrics, heartbeat_timeout_s: float):
-        self.sock = sock
+        self._zsock = sock
+        self.sock: LoopSocket | None = None
         self.instances = instances
         self.by_identity = {i.identity: i for i in instances}
         self.policies = policies
@@ -96,18 +112,20 @@ class EngineClient:
             metrics.instance_up.labels(inst.index, inst.role).set(0)
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
+        self.sock = LoopSocket(self._zsock, self._on_message)
+        self._tasks = [asyncio.create_task(self._watch())]
 
     async def close(self, reason: str, grace_s: float) -> None:
         """Ask every instance to shut down and wait (up to grace_s) for their goodbyes."""
         for inst in self.instances:
             if inst.up:
-                await self.sock.send_multipart([inst.identity, P.encode(P.Shutdown(reason))])
+                self.sock.send_multipart([inst.identity, P.encode(P.Shutdown(reason))])
         deadline = time.monotonic() + grace_s
         while any(i.up for i in self.instances) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for t in self._tasks:
             t.cancel()
+        self.sock.close()
 
     # ---- pools ----------------------------------------------------------------------------------
 
@@ -146,28 +164,26 @@ class EngineClient:
 
     # ---- incoming -------------------------------------------------------------------------------
 
-    async def _receive(self) -> None:
-        decode = P.decode_to_head
-        streams = self.streams
-        while True:
-            identity, payload = await self.sock.recv_multipart()
-            msg = decode(payload)
-            if type(msg) is P.StepOutputs:
-                for delta in msg.deltas:
-                    stream = streams.get(delta.req_id)
-                    if stream is not None:
-                        stream.push(delta)
-                        if delta.finish_reason is not None:
-                            del streams[delta.req_id]
-                            stream.instance.streams.pop(delta.req_id, None)
-                continue
-            inst = self.by_identity.get(identity)
-            if inst is None:
-                log.warning("message from unknown instance %r ignored", identity)
-            elif type(msg) is P.Heartbeat:
-                self._heartbeat(inst, msg)
-            elif type(msg) is P.Goodbye:
-                self._drop(inst, f"instance {inst.index} left: {msg.reason}")
+    def _on_message(self, frames: list[bytes]) -> None:
+        identity, payload = frames
+        msg = P.decode_to_head(payload)
+        if type(msg) is P.StepOutputs:
+            streams = self.streams
+            for delta in msg.deltas:
+                stream = streams.get(delta.req_id)
+                if stream is not None:
+                    stream.push(delta)
+                    if delta.finish_reason is not None:
+                        del streams[delta.req_id]
+                        stream.instance.streams.pop(delta.req_id, None)
+            return
+        inst = self.by_identity.get(identity)
+        if inst is None:
+            log.warning("message from unknown instance %r ignored", identity)
+        elif type(msg) is P.Heartbeat:
+            self._heartbeat(inst, msg)
+        elif type(msg) is P.Goodbye:
+            self._drop(inst, f"instance {inst.index} left: {msg.reason}")
 
     def _heartbeat(self, inst: Instance, hb: P.Heartbeat) -> None:
         inst.last_seen = time.monotonic()

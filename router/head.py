@@ -19,7 +19,6 @@ from pathlib import Path
 
 import uvicorn
 import zmq
-import zmq.asyncio
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from slurmserve.config import DeploymentConfig
@@ -72,17 +71,19 @@ def load_api_key(cfg: DeploymentConfig) -> str:
 
 
 class Head:
-    def __init__(self, cfg: DeploymentConfig, zctx: zmq.asyncio.Context, sock: zmq.asyncio.Socket):
+    def __init__(self, cfg: DeploymentConfig, zctx: zmq.Context, sock: zmq.Socket):
         self.cfg = cfg
         self.zctx = zctx
         self.sock = sock
 
     @staticmethod
-    def bind_control_socket(address: str) -> tuple[zmq.asyncio.Context, zmq.asyncio.Socket, str]:
-        zctx = zmq.asyncio.Context()
+    def bind_control_socket(address: str) -> tuple[zmq.Context, zmq.Socket, str]:
+        zctx = zmq.Context()
         sock = zctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)   # control messages are never dropped for lack of room
+        sock.setsockopt(zmq.RCVHWM, 0)
         port = sock.bind_to_random_port(f"tcp://{address}")
         return zctx, sock, f"tcp://{address}:{port}"
 
@@ -143,6 +144,5 @@ class Head:
         await client.close("head shutting down", grace_s=max(2.0, cfg.runtime.shutdown_grace_s))
         await serve_task
         await kv_state.close()
-        self.sock.close(linger=0)
         self.zctx.term()
         return 0

@@ -12,10 +12,10 @@ import signal
 import time
 
 import zmq
-import zmq.asyncio
 
 from slurmserve.runtime import protocol as P
 from slurmserve.runtime.engine import Engine, EngineRequest
+from slurmserve.runtime.zmq_loop import LoopSocket
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,14 @@ class Worker:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.head_timeout_s = head_timeout_s
         self.head_seen: float | None = None   # the silence clock starts at the head's first message
-        self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, f"instance-{instance}".encode())
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(head_endpoint)
+        self.ctx = zmq.Context()
+        self._zsock = self.ctx.socket(zmq.DEALER)
+        self._zsock.setsockopt(zmq.IDENTITY, f"instance-{instance}".encode())
+        self._zsock.setsockopt(zmq.LINGER, 0)
+        self._zsock.setsockopt(zmq.SNDHWM, 0)   # outputs are never dropped for lack of room
+        self._zsock.setsockopt(zmq.RCVHWM, 0)
+        self._zsock.connect(head_endpoint)
+        self.sock: LoopSocket | None = None
         self.tasks: dict[str, asyncio.Task] = {}
         self.pending: list[P.Delta] = []
         self.flush_scheduled = False
@@ -79,30 +82,28 @@ class Worker:
             except TimeoutError:
                 pass
 
-    async def _receive(self) -> None:
-        while True:
-            msg = P.decode_to_worker(await self.sock.recv())
-            self.head_seen = time.monotonic()
-            if isinstance(msg, P.Generate):
-                self.tasks[msg.req_id] = asyncio.create_task(self._run_request(msg))
-            elif isinstance(msg, P.Abort):
-                for req_id in msg.req_ids:
-                    if req_id in self.tasks:
-                        self.engine.abort(req_id)
-            elif isinstance(msg, P.Shutdown):
-                log.info("shutdown requested by the head: %s", msg.reason)
-                self.stopping.set()
-                return
+    def _on_message(self, frames: list[bytes]) -> None:
+        msg = P.decode_to_worker(frames[-1])
+        self.head_seen = time.monotonic()
+        if type(msg) is P.Generate:
+            self.tasks[msg.req_id] = asyncio.create_task(self._run_request(msg))
+        elif type(msg) is P.Abort:
+            for req_id in msg.req_ids:
+                if req_id in self.tasks:
+                    self.engine.abort(req_id)
+        elif type(msg) is P.Shutdown:
+            log.info("shutdown requested by the head: %s", msg.reason)
+            self.stopping.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
         await self.engine.start()
-        tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._receive())]
+        self.sock = LoopSocket(self._zsock, self._on_message)
+        heartbeats = asyncio.create_task(self._heartbeats())
         await self.stopping.wait()
-        for t in tasks:
-            t.cancel()
+        heartbeats.cancel()
         for req_id in list(self.tasks):
             self.engine.abort(req_id)
         if self.tasks:
@@ -110,5 +111,5 @@ class Worker:
         self._flush()
         self.sock.send(P.encode(P.Goodbye(self.instance, "shutdown")))
         await self.engine.stop()
-        self.sock.close(linger=200)
+        self.sock.close(linger_ms=200)
         self.ctx.term()

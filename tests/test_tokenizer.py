@@ -1,0 +1,226 @@
+"""The head's tokenizer (slurmserve.router.tokenizer): prompts, chat template, streamed text."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from slurmserve.router.tokenizer import (IncrementalDetokenizer, StopChecker, TextStream, Tokenizer,
+                                         normalize_messages)
+from slurmserve.runtime.tiny_model import make_tiny_model
+
+MULTILINGUAL = "héllo 世界 🎉 naïve café — ok 😀😀 done"
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return Tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def byte_tok(tmp_path_factory):
+    """A byte-level BPE (GPT-2 style): tokens can hold part of a UTF-8 character."""
+    d = tmp_path_factory.mktemp("tiny-bytelevel")
+    make_tiny_model(d, tokenizer="bytelevel", hidden=32, layers=1)
+    return Tokenizer(d)
+
+
+def stream(tokenizer, ids, chunks, stop=None, **kw):
+    """Feed ids in chunks of the given sizes (cycled); return (deltas, stopped)."""
+    ts = TextStream(tokenizer, stop, **kw)
+    out, i, k = [], 0, 0
+    while i < len(ids):
+        n = chunks[k % len(chunks)]
+        piece, stopped = ts.feed(ids[i:i + n])
+        out.append(piece)
+        i, k = i + n, k + 1
+        if stopped:
+            return out, True
+    out.append(ts.finish())
+    return out, False
+
+
+# ---- prompts ------------------------------------------------------------------------------------
+
+def test_properties(tok):
+    assert tok.eos_token_id == tok.backend.token_to_id("<|im_end|>") == 2
+    assert tok.eos_token_ids == (2,)
+    assert tok.vocab_size == len(tok) == 512
+    assert tok.special_ids == {0, 1, 2, 3, 4}
+
+
+def test_encode_matches_transformers_and_round_trips(tok, byte_tok):
+    for t in (tok, byte_tok):
+        for s in ("hello world , the quick brown fox", "  two  spaces\nand a newline", "", "?!"):
+            ids = t.encode(s)
+            assert ids == t.hf(s).input_ids
+            assert t.decode(ids) == s
+    assert byte_tok.decode(byte_tok.encode(MULTILINGUAL)) == MULTILINGUAL
+    assert tok.decode(tok.encode("é")) == ""            # ascii tokenizer: <unk>, a special token
+    assert tok.decode(tok.encode("é"), skip_special_tokens=False) == "<unk>"
+
+
+def test_chat_template(tok):
+    msgs = [{"role": "system", "content": "you are a helpful assistant ."},
+            {"role": "user", "content": "what is the capital of france ?"}]
+    ids = tok.apply_chat_template(msgs)
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert text == ("<|im_start|>system\nyou are a helpful assistant .<|im_end|>\n"
+                    "<|im_start|>user\nwhat is the capital of france ?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert ids == tok.encode(text)                       # no BOS or anything else added
+    assert ids.count(tok.eos_token_id) == 2
+    no_prompt = tok.apply_chat_template(msgs, add_generation_prompt=False)
+    assert ids[:len(no_prompt)] == no_prompt and not tok.decode(
+        no_prompt, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    assert tok.apply_chat_template(msgs, unused_template_variable=1) == ids
+
+
+def test_chat_content_parts(tok):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello"},
+                                          {"type": "text", "text": "world"}]},
+             {"role": "assistant", "content": None}]
+    assert normalize_messages(parts)[0]["content"] == "hello\nworld"
+    assert tok.render_chat_template(parts, add_generation_prompt=False) == \
+        "<|im_start|>user\nhello\nworld<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n"
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     r"messages\[0\]\.content\[0\].*'image_url'.*not supported"),
+    ([{"role": "user", "content": [{"type": "text"}]}], r"\.text must be a string"),
+    ([{"role": "user", "content": ["hello"]}], r"content\[0\] must be an object"),
+    ([{"role": "user", "content": 3}], r"content must be a string or a list"),
+    ([{"content": "hi"}], r"role must be a non-empty string"),
+    (["hi"], r"messages\[0\] must be an object"),
+    ([], "non-empty list"),
+])
+def test_chat_rejects_bad_messages(tok, messages, match):
+    with pytest.raises(ValueError, match=match):
+        tok.apply_chat_template(messages)
+
+
+def test_chat_rejects_reserved_kwargs(tok):
+    with pytest.raises(ValueError, match="tokenize"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
+
+
+# ---- incremental detokenization -----------------------------------------------------------------
+
+def test_incremental_equals_one_shot(tok):
+    rng = random.Random(0)
+    ids = [rng.randrange(tok.vocab_size) for _ in range(5000)]   # specials included
+    full = tok.decode(ids)
+    for chunks in ([1], [1, 2, 7, 3], [64], [5000]):
+        out, stopped = stream(tok, ids, chunks)
+        assert not stopped and "".join(out) == full
+    out, _ = stream(tok, ids, [3], skip_special_tokens=False)
+    assert "".join(out) == tok.decode(ids, skip_special_tokens=False)
+
+
+def test_incremental_window_stays_small(tok):
+    rng = random.Random(1)
+    d = IncrementalDetokenizer(tok)
+    for _ in range(3000):
+        d.step([rng.randrange(tok.vocab_size)])
+        assert len(d._ids) <= 2                               # context + pending: O(1) per step
+
+
+def test_multibyte_characters_are_held_until_complete(byte_tok):
+    ids = byte_tok.encode(MULTILINGUAL)
+    assert len(ids) > len(MULTILINGUAL.split())
+    d = IncrementalDetokenizer(byte_tok)
+    parts = [d.step([i]) for i in ids] + [d.flush()]
+    assert "".join(parts) == MULTILINGUAL
+    assert not any("\ufffd" in p for p in parts)
+    assert "🎉" in parts and "世" in parts                        # emitted whole, once complete
+
+
+def test_big_chunk_ending_inside_a_character(byte_tok):
+    ids = byte_tok.encode("hello world , the quick brown fox 🎉")
+    assert byte_tok.decode(ids[:-1]).endswith("\ufffd")          # the emoji spans tokens
+    d = IncrementalDetokenizer(byte_tok)
+    assert d.step(ids[:-1]) == "hello world , the quick brown fox "
+    assert d.step(ids[-1:]) == "🎉" and d.flush() == ""
+
+
+def test_invalid_utf8_output_matches_one_shot(byte_tok):
+    """A random model emits arbitrary byte tokens: the deltas still add up to the one-shot text."""
+    vocab = byte_tok.backend.get_vocab()
+    byte_ids = [i for t, i in vocab.items() if len(t) == 1 and ord(t) > 160]   # non-ASCII bytes
+    rng = random.Random(2)
+    for trial in range(300):
+        pool = byte_ids if trial % 2 else range(byte_tok.vocab_size)
+        ids = [rng.choice(pool) for _ in range(rng.randrange(1, 150))]
+        out, _ = stream(byte_tok, ids, [rng.choice([1, 2, 3, 40])])
+        assert "".join(out) == byte_tok.decode(ids), ids
+
+
+def test_prompt_context_and_finish(tok):
+    prompt = tok.encode("the quick brown")
+    out = tok.encode(" fox jumps")
+    ts = TextStream(tok, prompt_ids=prompt)
+    text = ts.feed(out)[0] + ts.finish()
+    assert text == tok.decode(prompt + out)[len(tok.decode(prompt)):] == " fox jumps"
+    ts = TextStream(tok)
+    assert ts.feed([tok.eos_token_id]) == ("", False) and ts.finish() == ""
+
+
+# ---- stop strings -------------------------------------------------------------------------------
+
+def test_stop_spanning_deltas():
+    s = StopChecker(["STOP"])
+    assert s.feed("abc ST") == ("abc ", False)                   # "ST" held back
+    assert s.feed("O") == ("", False)
+    assert s.feed("P and more") == ("", True)
+    assert s.stopped and s.stop_str == "STOP"
+    assert s.feed("x") == ("", True) and s.flush() == ""
+
+
+def test_stop_held_text_released():
+    s = StopChecker(["\n\n", "END"])
+    assert s.feed("line\n") == ("line", False)
+    assert s.feed("E") == ("\n", False)
+    assert s.feed("x") == ("Ex", False)
+    assert s.feed("EN") == ("", False)
+    assert s.flush() == "EN" and not s.stopped
+
+
+def test_stop_first_to_complete_wins_and_include_stop():
+    assert StopChecker(["abcd", "c"]).feed("xabcd") == ("xab", True)
+    assert StopChecker(["bc", "abc"]).feed("xabc") == ("x", True)         # same end: longer one
+    s = StopChecker(["c", "ab"], include_stop=True)
+    assert s.feed("xabc") == ("xab", True) and s.stop_str == "ab"
+    assert StopChecker([""]).feed("abc") == ("abc", False)              # empty stops ignored
+    assert StopChecker(None).feed("abc") == ("abc", False)
+
+
+def test_stop_result_independent_of_chunking():
+    rng = random.Random(3)
+    for _ in range(500):
+        text = "".join(rng.choice("abc") for _ in range(rng.randrange(0, 40)))
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randrange(1, 5)))
+                 for _ in range(rng.randrange(1, 4))]
+        ends = [(text.find(s) + len(s), -len(s)) for s in stops if s in text]
+        expect = text[:min(ends)[0] + min(ends)[1]] if ends else text
+        s, out, i = StopChecker(stops), [], 0
+        while i < len(text) and not s.stopped:
+            n = rng.randrange(1, 6)
+            out.append(s.feed(text[i:i + n])[0])
+            i += n
+        out.append(s.flush())
+        assert "".join(out) == expect, (text, stops)
+        assert s.stopped == bool(ends)
+
+
+def test_text_stream_stop_across_token_boundary(tok):
+    ids = tok.encode("the quick brown fox jumps over the lazy dog")
+    out, stopped = stream(tok, ids, [1], stop=["brown f", "zzz"])
+    assert stopped and "".join(out) == "the quick "
+    out, stopped = stream(tok, ids, [1], stop=["dogs"])         # "dog" held, then flushed
+    assert not stopped and "".join(out) == "the quick brown fox jumps over the lazy dog"
+    assert out[-1] == "dog"
+    ts = TextStream(tok, ["fox"])
+    assert ts.feed(ids) == ("the quick brown ", True) and ts.stopped and ts.stop_str == "fox"
+    assert ts.feed(ids) == ("", True) and ts.finish() == ""
