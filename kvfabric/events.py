@@ -236,7 +236,8 @@ class KVEventSubscriber:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, self.topic)
         sock.connect(endpoint)
-        self._socks[instance] = LoopSocket(sock, lambda frames: self._on_frames(instance, frames))
+        self._socks[instance] = LoopSocket(
+            sock, lambda topic, seq, payload: self._on_message(instance, seq, payload), frames=3)
         self.endpoints[instance] = endpoint
         self.next_seq.pop(instance, None)
 
@@ -251,12 +252,12 @@ class KVEventSubscriber:
     def instances(self) -> list[int]:
         return list(self._socks)
 
-    def _on_frames(self, instance: int, frames: list[bytes]) -> None:
-        if len(frames) != 3 or len(frames[1]) != 8:
+    def _on_message(self, instance: int, seq_bytes: bytes, payload: bytes) -> None:
+        if len(seq_bytes) != 8:
             self.decode_errors += 1
-            log.warning("instance %d: malformed KV event message (%d frames)", instance, len(frames))
+            log.warning("instance %d: malformed KV event message (seq of %d bytes)", instance, len(seq_bytes))
             return
-        seq = int.from_bytes(frames[1], "big")
+        seq = int.from_bytes(seq_bytes, "big")
         expected = self.next_seq.get(instance, 0)
         self.next_seq[instance] = seq + 1
         if seq != expected:
@@ -264,7 +265,7 @@ class KVEventSubscriber:
             if self.on_gap is not None:
                 self._run(self.on_gap(instance, expected, seq))
         try:
-            batch = decode_batch(frames[2])
+            batch = decode_batch(payload)
         except KVEventDecodeError as e:
             self.decode_errors += 1
             log.warning("instance %d: undecodable KV event batch %d: %s", instance, seq, e)

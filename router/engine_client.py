@@ -112,14 +112,14 @@ class EngineClient:
             metrics.instance_up.labels(inst.index, inst.role).set(0)
 
     def start(self) -> None:
-        self.sock = LoopSocket(self._zsock, self._on_message)
+        self.sock = LoopSocket(self._zsock, self._on_message, frames=2)
         self._tasks = [asyncio.create_task(self._watch())]
 
     async def close(self, reason: str, grace_s: float) -> None:
         """Ask every instance to shut down and wait (up to grace_s) for their goodbyes."""
         for inst in self.instances:
             if inst.up:
-                self.sock.send_multipart([inst.identity, P.encode(P.Shutdown(reason))])
+                self.sock.send_to(inst.identity, P.encode(P.Shutdown(reason)))
         deadline = time.monotonic() + grace_s
         while any(i.up for i in self.instances) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -151,8 +151,7 @@ class EngineClient:
         stream = DeltaStream(req_id, inst)
         inst.streams[req_id] = stream
         self.streams[req_id] = stream
-        self.sock.send_multipart(
-            [inst.identity, P.encode(P.Generate(req_id, prompt_token_ids, params, kv_transfer_params))])
+        self.sock.send_to(inst.identity, P.encode(P.Generate(req_id, prompt_token_ids, params, kv_transfer_params)))
         return stream
 
     def release(self, stream: DeltaStream) -> None:
@@ -160,12 +159,11 @@ class EngineClient:
         self.streams.pop(stream.req_id, None)
         inst = stream.instance
         if inst.streams.pop(stream.req_id, None) is not None and not stream.done and inst.up:
-            self.sock.send_multipart([inst.identity, P.encode(P.Abort([stream.req_id]))])
+            self.sock.send_to(inst.identity, P.encode(P.Abort([stream.req_id])))
 
     # ---- incoming -------------------------------------------------------------------------------
 
-    def _on_message(self, frames: list[bytes]) -> None:
-        identity, payload = frames
+    def _on_message(self, identity: bytes, payload: bytes) -> None:
         msg = P.decode_to_head(payload)
         if type(msg) is P.StepOutputs:
             streams = self.streams
@@ -205,7 +203,7 @@ class EngineClient:
         while True:
             await asyncio.sleep(period)
             for inst in self.instances:   # unconnected identities are dropped by the ROUTER
-                self.sock.send_multipart([inst.identity, ping])
+                self.sock.send_to(inst.identity, ping)
             now = time.monotonic()
             for inst in self.instances:
                 if inst.up and now - inst.last_seen > self.heartbeat_timeout_s:

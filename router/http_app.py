@@ -166,9 +166,9 @@ class HeadApp:
                                headers={"retry-after": "1"}) from None
             self.metrics.ttft.observe(time.perf_counter() - start)
             if req.stream:
-                await self._stream(send, req, rid, deltas, first, len(prompt), stops, chat)
+                await self._stream(send, req, rid, deltas, first, prompt, stops, chat)
             else:
-                await self._complete(send, rid, deltas, first, len(prompt), stops, chat)
+                await self._complete(send, rid, deltas, first, prompt, stops, chat)
         except asyncio.CancelledError:
             if not watcher.fired:
                 raise
@@ -181,8 +181,9 @@ class HeadApp:
             self.metrics.running.dec()
             self.metrics.e2e.observe(time.perf_counter() - start)
 
-    async def _complete(self, send, rid, deltas, first, n_prompt, stops, chat):
-        text = TextStream(self.tok, stops)
+    async def _complete(self, send, rid, deltas, first, prompt, stops, chat):
+        n_prompt = len(prompt)
+        text = TextStream(self.tok, stops, prompt_ids=prompt)
         parts, n_out, finish = [], 0, None
         delta = first
         while True:
@@ -204,9 +205,10 @@ class HeadApp:
                                 oa.usage(n_prompt, n_out, first.num_cached_tokens))
         await _respond(send, 200, body, _JSON)
 
-    async def _stream(self, send, req, rid, deltas, first, n_prompt, stops, chat):
+    async def _stream(self, send, req, rid, deltas, first, prompt, stops, chat):
+        n_prompt = len(prompt)
         out = ChunkWriter(chat, rid, self.model_name)
-        text = TextStream(self.tok, stops)
+        text = TextStream(self.tok, stops, prompt_ids=prompt)
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
         n_out, finish = 0, None
         try:

@@ -82,8 +82,8 @@ class Worker:
             except TimeoutError:
                 pass
 
-    def _on_message(self, frames: list[bytes]) -> None:
-        msg = P.decode_to_worker(frames[-1])
+    def _on_message(self, payload: bytes) -> None:
+        msg = P.decode_to_worker(payload)
         self.head_seen = time.monotonic()
         if type(msg) is P.Generate:
             self.tasks[msg.req_id] = asyncio.create_task(self._run_request(msg))

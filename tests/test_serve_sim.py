@@ -21,7 +21,7 @@ MODEL = "tiny-llama"
 def sim_config(model_dir, **pools):
     return {
         "model": {"path": str(model_dir), "name": MODEL, "max_model_len": 512},
-        "engine": {"kind": "sim", "sim": {"speedup": 20.0, "num_kv_blocks": 256, "block_size": 16}},
+        "engine": {"kind": "sim", "sim": {"speedup": 1.0, "num_kv_blocks": 256, "block_size": 16}},
         "pools": pools or {"workers": 4},
         "router": {"host": "127.0.0.1", "port": 0, "policy": "round_robin"},
         "runtime": {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 1.5},
