@@ -62,7 +62,7 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, spec: Re
                     continue
                 data = line[6:]
                 if data == "[DONE]":
-                    break
+                    continue   # read to the end of the body: leaving early closes the connection
                 msg = _decode(data)
                 if "error" in msg:
                     res.error = str(msg["error"].get("message"))
