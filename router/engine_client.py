@@ -108,6 +108,7 @@ class EngineClient:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.streams: dict[str, DeltaStream] = {}
         self._tasks: list[asyncio.Task] = []
+        self.closing = False
         for inst in instances:
             metrics.instance_up.labels(inst.index, inst.role).set(0)
 
@@ -117,6 +118,7 @@ class EngineClient:
 
     async def close(self, reason: str, grace_s: float) -> None:
         """Ask every instance to shut down and wait (up to grace_s) for their goodbyes."""
+        self.closing = True
         for inst in self.instances:
             if inst.up:
                 self.sock.send_to(inst.identity, P.encode(P.Shutdown(reason)))
@@ -213,7 +215,7 @@ class EngineClient:
     def _drop(self, inst: Instance, reason: str) -> None:
         if not inst.up:
             return
-        log.warning("%s; taking it out of rotation", reason)
+        log.log(logging.INFO if self.closing else logging.WARNING, "%s; taking it out of rotation", reason)
         inst.up = False
         self.metrics.instance_up.labels(inst.index, inst.role).set(0)
         failed, inst.streams = inst.streams, {}
