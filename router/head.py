@@ -77,15 +77,20 @@ class Head:
         self.sock = sock
 
     @staticmethod
-    def bind_control_socket(address: str) -> tuple[zmq.Context, zmq.Socket, str]:
+    def bind_control_socket(address: str) -> tuple[zmq.Context, zmq.Socket, dict[str, str]]:
+        """Bind the control plane's ROUTER with CURVE: only peers that know the head's public key
+        can connect, and that key travels to the engine ranks only through MPI."""
         zctx = zmq.Context()
         sock = zctx.socket(zmq.ROUTER)
+        public, secret = zmq.curve_keypair()
+        sock.curve_server = True
+        sock.curve_publickey, sock.curve_secretkey = public, secret
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, 0)   # control messages are never dropped for lack of room
         sock.setsockopt(zmq.RCVHWM, 0)
         port = sock.bind_to_random_port(f"tcp://{address}")
-        return zctx, sock, f"tcp://{address}:{port}"
+        return zctx, sock, {"control": f"tcp://{address}:{port}", "control_key": public.decode()}
 
     async def run(self, world: World) -> int:
         cfg = self.cfg
@@ -128,6 +133,7 @@ class Head:
         info = {"url": f"http://{host}:{port}/v1", "host": host, "port": port, "pid": os.getpid(),
                 "model": cfg.model.served_name, "started": time.time(),
                 "api_key_file": str(cfg.api_key_file or cfg.log_dir / "api_key"),
+                "control": world.head.endpoints["control"],
                 "instances": [{"index": i.index, "role": i.role, "address": r.address, "pid": r.pid,
                                "hostname": r.hostname}
                               for i, r in zip(instances, world.instance_leaders(cfg))]}

@@ -31,7 +31,7 @@ def run_rank(cfg: DeploymentConfig) -> int:
         if placement.is_head:
             from slurmserve.router.head import Head
             head_sock["zmq"] = Head.bind_control_socket(address)
-            return {"control": head_sock["zmq"][2]}
+            return head_sock["zmq"][2]
         if placement.instance_rank == 0:
             return {"kv_events": f"tcp://{address}:{free_port(address)}",
                     "kv_side_channel_port": free_port(address)}
@@ -64,7 +64,8 @@ async def _run_engine_rank(cfg: DeploymentConfig, world: World) -> int:
     # keeps serving until told. SIGTERM/SIGINT stop it directly (handled in Worker.run).
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     engine = create_engine(cfg, ctx)
-    worker = Worker(engine, world.head.endpoints["control"], p.instance, cfg.runtime.heartbeat_interval_s,
+    worker = Worker(engine, world.head.endpoints["control"], world.head.endpoints["control_key"].encode(),
+                    p.instance, cfg.runtime.heartbeat_interval_s,
                     head_timeout_s=max(5.0, 3 * cfg.runtime.heartbeat_timeout_s))
     await worker.run()
     return 0

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, engine: Engine, head_endpoint: str, instance: int, heartbeat_interval_s: float,
-                 head_timeout_s: float):
+    def __init__(self, engine: Engine, head_endpoint: str, head_key: bytes, instance: int,
+                 heartbeat_interval_s: float, head_timeout_s: float):
         self.engine = engine
         self.instance = instance
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -31,6 +31,8 @@ class Worker:
         self.ctx = zmq.Context()
         self._zsock = self.ctx.socket(zmq.DEALER)
         self._zsock.setsockopt(zmq.IDENTITY, f"instance-{instance}".encode())
+        self._zsock.curve_serverkey = head_key    # CURVE: encrypted, and only the job knows this key
+        self._zsock.curve_publickey, self._zsock.curve_secretkey = zmq.curve_keypair()
         self._zsock.setsockopt(zmq.LINGER, 0)
         self._zsock.setsockopt(zmq.SNDHWM, 0)   # outputs are never dropped for lack of room
         self._zsock.setsockopt(zmq.RCVHWM, 0)

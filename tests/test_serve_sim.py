@@ -206,6 +206,32 @@ def test_client_disconnect_aborts(agg):
     pytest.fail("a disconnected stream was not aborted in the engine")
 
 
+def test_control_plane_rejects_strangers(agg):
+    """Another cluster user who finds the head's ZeroMQ port cannot complete a handshake with it."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+    ctx = zmq.Context()
+    for curve in (False, True):
+        s = ctx.socket(zmq.DEALER)
+        if curve:   # CURVE, but with a guessed server key
+            s.curve_serverkey = zmq.curve_keypair()[0]
+            s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+        mon = s.get_monitor_socket()
+        s.connect(agg.info["control"])
+        events = set()
+        deadline = time.time() + 1.5
+        while time.time() < deadline:
+            if mon.poll(100):
+                events.add(recv_monitor_message(mon)["event"])
+        assert zmq.EVENT_CONNECTED in events, events   # the port is reachable...
+        assert zmq.EVENT_HANDSHAKE_SUCCEEDED not in events, events   # ...but nobody gets in
+        s.disable_monitor()
+        mon.close(linger=0)
+        s.close(linger=0)
+    ctx.term()
+    assert metric(agg.metrics(), "slurmserve:instance_up") == 4
+
+
 def test_metrics(agg):
     m = agg.metrics()
     assert metric(m, "slurmserve:requests_total") > 0

