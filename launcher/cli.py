@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from slurmserve.bench.cli import register as register_bench
     register_bench(sub)
+    from slurmserve.launcher.slurm_cli import register as register_slurm
+    register_slurm(sub)
 
     p = sub.add_parser("model", help="model utilities")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")

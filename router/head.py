@@ -29,6 +29,7 @@ from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.orchestrator import Orchestrator
 from slurmserve.router.policies import make_policy
 from slurmserve.router.tokenizer import Tokenizer
+from slurmserve.launcher.registry import HeadRegistration
 from slurmserve.runtime.bootstrap import World
 
 log = logging.getLogger(__name__)
@@ -102,16 +103,18 @@ class Head:
         client = EngineClient(self.sock, instances, {r: make_policy(cfg.router.policy) for r in roles},
                               metrics, cfg.runtime.heartbeat_timeout_s)
         client.start()
+        api_key = load_api_key(cfg)
         kv_state = KVState(metrics)
         for inst, leader in zip(instances, world.instance_leaders(cfg)):
             if leader.endpoints.get("kv_events"):
                 kv_state.watch(inst.index, leader.endpoints["kv_events"])
         app = HeadApp(orchestrator=Orchestrator(client, metrics, cfg.pools.disaggregated),
                       tokenizer=tokenizer, metrics=metrics, model_name=cfg.model.served_name,
-                      max_model_len=cfg.model.max_model_len, api_key=load_api_key(cfg),
+                      max_model_len=cfg.model.max_model_len, api_key=api_key,
                       max_concurrent=cfg.router.max_concurrent_requests)
 
-        listener = socket.create_server((cfg.router.host, cfg.router.port), backlog=2048)
+        listener = socket.create_server((cfg.router.host or world.head.address, cfg.router.port),
+                                        backlog=2048)
         host, port = listener.getsockname()[:2]
         server = uvicorn.Server(uvicorn.Config(
             app, loop="none", http=NoDelayHttpProtocol, lifespan="off", access_log=False,
@@ -119,10 +122,11 @@ class Head:
         serve_task = asyncio.create_task(server.serve(sockets=[listener]))
 
         stop = asyncio.Event()
-        drain = {"grace": 0.0}
+        drain = {"grace": 0.0, "signal": None}
 
         def on_signal(sig: int) -> None:
             drain["grace"] = cfg.runtime.shutdown_grace_s if sig == signal.SIGUSR2 else 0.0
+            drain["signal"] = sig
             log.info("received %s: draining", signal.Signals(sig).name)
             stop.set()
 
@@ -138,9 +142,19 @@ class Head:
                                "hostname": r.hostname}
                               for i, r in zip(instances, world.instance_leaders(cfg))]}
         write_private(cfg.log_dir / "endpoint.json", json.dumps(info, indent=2) + "\n")
+        # Inside a Slurm job the job registry gets the endpoint, the key and, below, readiness.
+        reg = HeadRegistration.from_env(cfg)
+        ready_task = None
+        if reg is not None:
+            reg.serving(info, api_key)
+            ready_task = asyncio.create_task(reg.watch_ready(client.all_ready))
         log.info("serving %s at http://%s:%d/v1 (%d engine instances)", cfg.model.served_name, host,
                  port, len(instances))
         await stop.wait()
+        if ready_task is not None:
+            ready_task.cancel()
+        if reg is not None:
+            reg.draining(drain["signal"])
 
         app.draining = True
         deadline = time.monotonic() + drain["grace"]
@@ -151,4 +165,6 @@ class Head:
         await serve_task
         await kv_state.close()
         self.zctx.term()
+        if reg is not None:   # exited, or requeued after a preemption warning when the job asks
+            reg.finished(preempted=drain["signal"] == signal.SIGUSR2)
         return 0

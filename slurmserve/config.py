@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from slurmserve.launcher.slurm_config import SlurmOptions
+
 
 class ConfigError(Exception):
     """A config that cannot be used; the message lists every problem with its key path."""
@@ -86,7 +88,9 @@ class PoolsConfig(_Strict):
 
 
 class RouterConfig(_Strict):
-    host: str = Field("127.0.0.1", description="HTTP bind address: loopback or the job's interface.")
+    host: str | None = Field(
+        None, description="HTTP bind address. Unset: the address the runtime chose for the job, i.e. "
+                          "loopback when every rank is on one host, else the job's interface.")
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
     policy: Literal["round_robin", "least_loaded"] = "round_robin"
     request_timeout_s: float = Field(600.0, gt=0)
@@ -111,6 +115,7 @@ class DeploymentConfig(_Strict):
     api_key_file: Path | None = Field(
         None, description="File holding the API key clients must send; generated 0600 when absent.")
     log_dir: Path = Field(Path("runs/latest"), description="Per-rank logs and the generated API key.")
+    slurm: SlurmOptions | None = Field(None, description="Slurm layout for `slurmserve sbatch|submit`.")
 
     @property
     def world_size(self) -> int:
@@ -210,7 +215,7 @@ def default_config_dict() -> dict:
         "model": {"path": str(default_model_dir()), "name": "tiny-llama", "max_model_len": 2048},
         "engine": {"kind": "sim"},
         "pools": {"workers": 4},
-        "router": {"host": "127.0.0.1", "port": 8000},
+        "router": {"port": 8000},
         "log_dir": str(Path.cwd() / "runs" / "default"),
     }
 
