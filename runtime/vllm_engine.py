@@ -43,10 +43,13 @@ from slurmserve.runtime.protocol import Delta, Load, SamplingParams
 log = logging.getLogger(__name__)
 
 KV_EVENTS_TOPIC = "kv-events"
-# vLLM's NONE_HASH seed when PYTHONHASHSEED is unset and the hash algorithm is sha256/sha256_cbor.
-DEFAULT_HASH_SEED = "vllm-none-hash"
 _CRYPTO_HASH_ALGOS = ("sha256", "sha256_cbor")
 _MAX_EARLY_ABORTS = 4096
+# How long stop() lets the engine core exit after SIGTERM before vLLM kills it (vLLM's default: 5 s).
+# Its teardown (executor, scheduler, KV-event publisher, NIXL agent) takes about a second; what
+# follows is the interpreter's final garbage collection over the whole vLLM/torch heap, seconds on
+# a slow CPU and of no use, and it would push a deployment's shutdown past the launcher's grace.
+ENGINE_CORE_EXIT_TIMEOUT_S = 2.0
 _START_LOCK = threading.Lock()
 
 
@@ -130,7 +133,8 @@ class _compat:
                     self.sink.update(scheduler_stats)
                 pts = getattr(iteration_stats, "prompt_token_stats", None)   # 0.32: PromptTokenStats
                 if pts is not None:
-                    self.sink.add_prompt_tokens(getattr(pts, "computed", 0), getattr(pts, "local_cache_hit", 0),
+                    self.sink.add_prompt_tokens(getattr(pts, "computed", 0),
+                                                getattr(pts, "local_cache_hit", 0),
                                                 getattr(pts, "external_kv_transfer", 0))
 
             def log_engine_initialized(self):
@@ -156,6 +160,13 @@ class _compat:
                 stop()
             except Exception:  # noqa: BLE001 - best effort: the tracker exits with this process anyway
                 log.debug("could not stop the multiprocessing resource tracker", exc_info=True)
+
+    @staticmethod
+    def engine_processes(llm: Any) -> list:
+        """The engine-core multiprocessing.Process objects this AsyncLLM started ([] if unknown)."""
+        resources = getattr(getattr(llm, "engine_core", None), "resources", None)
+        manager = getattr(resources, "engine_manager", None)
+        return list(getattr(manager, "processes", None) or [])
 
     @staticmethod
     def cache_geometry(llm: Any) -> tuple[int, int]:
@@ -299,11 +310,12 @@ def engine_env(cfg, ctx: EngineContext, environ: dict[str, str] | None = None) -
 # ---- the engine ----------------------------------------------------------------------------------
 
 class _Stream:
-    __slots__ = ("aborted", "registered")
+    __slots__ = ("aborted", "abort_sent", "registered")
 
     def __init__(self) -> None:
-        self.aborted = False
-        self.registered = False
+        self.aborted = False      # abort() was called
+        self.abort_sent = False   # ... and passed on to vLLM
+        self.registered = False   # vLLM knows the request
 
 
 class VllmEngine(Engine):
@@ -329,7 +341,8 @@ class VllmEngine(Engine):
             VllmEngine._tracker_was_running = _compat.resource_tracker_running()
         VllmEngine._live += 1
         self._counted = True
-        log.info("starting vLLM instance %d (%s): env %s args %s", self.ctx.instance, self.ctx.role, env, kwargs)
+        log.info("starting vLLM instance %d (%s): env %s args %s",
+                 self.ctx.instance, self.ctx.role, env, kwargs)
         # Building the engine blocks for the whole model load (vLLM waits for the engine core's
         # ready message), so it runs in a thread; AsyncLLM defers its asyncio tasks to first use.
         await asyncio.to_thread(self._build, kwargs, env)
@@ -370,11 +383,16 @@ class VllmEngine(Engine):
                 await asyncio.wait([handler], timeout=2.0)
             # shutdown() joins the engine-core process (seconds): keep the loop free meanwhile. It
             # is thread-safe: it hands socket closing and task cancellation back to this loop.
-            await asyncio.to_thread(llm.shutdown)
+            procs = _compat.engine_processes(llm)
+            await asyncio.to_thread(llm.shutdown, ENGINE_CORE_EXIT_TIMEOUT_S)
+            # vLLM SIGKILLs a core that outlives the timeout without reaping it: reap it here, so
+            # that no zombie is left behind.
+            for proc in procs:
+                await asyncio.to_thread(proc.join, 2.0)
             await asyncio.sleep(0)
             # The frontend's ZeroMQ context (two I/O threads and a reaper) is never terminated by
             # vLLM; it goes when the AsyncLLM is collected, and the AsyncLLM sits in reference cycles.
-            del llm, handler
+            del llm, handler, procs
             gc.collect()
         if self._counted:
             self._counted = False
@@ -399,6 +417,7 @@ class VllmEngine(Engine):
         stream.aborted = True
         if stream.registered and llm is not None:
             # AsyncLLM.abort queues a final "abort" output for the stream before it awaits.
+            stream.abort_sent = True
             self._spawn(llm.abort(req_id))
         # else: generate() sees the flag before it hands the request to vLLM.
 
@@ -440,7 +459,8 @@ class VllmEngine(Engine):
             sp = _compat.sampling_params(p, max_tokens, min_tokens, request.kv_transfer_params)
             prompt = _compat.tokens_prompt(list(request.prompt_token_ids))
             if stream.aborted:   # aborted before it reached the engine
-                yield Delta(req_id, [], finish_reason="abort", num_prompt_tokens=len(request.prompt_token_ids))
+                yield Delta(req_id, [], finish_reason="abort",
+                            num_prompt_tokens=len(request.prompt_token_ids))
                 return
             outputs = llm.generate(prompt, sp, req_id)
             first = True
@@ -452,8 +472,9 @@ class VllmEngine(Engine):
                         out = await nxt
                     except StopAsyncIteration:
                         break
-                    if stream.aborted and not out.finished:
-                        self._spawn(llm.abort(req_id))   # abort raced the registration
+                    if stream.aborted and not stream.abort_sent and not out.finished:
+                        stream.abort_sent = True   # defensive: abort() ran before registration
+                        self._spawn(llm.abort(req_id))
                     delta = self._delta(request, out, first)
                     first = False
                     yield delta
