@@ -18,6 +18,14 @@ from pathlib import Path
 import yaml
 
 
+def shm_files() -> set[str]:
+    """Shared-memory files an MPI job could leave behind (Open MPI, PMIx)."""
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith(("vader_segment", "ompi", "pmix", "sm_segment"))}
+    except FileNotFoundError:
+        return set()
+
+
 def processes_matching(needle: str) -> list[int]:
     """PIDs whose command line contains `needle` (a path unique to one deployment)."""
     pids = []

@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator)
 
 
 class SlurmError(Exception):
@@ -63,6 +63,20 @@ def parse_time(value: str | int) -> int:
     return seconds
 
 
+def _time_in(v):
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def _time_checked(v):
+    if v is not None:
+        parse_time(v)
+    return v
+
+
+# A time limit as sbatch takes it ("30", "2:00:00", "1-12"); bare integers are minutes.
+SlurmTime = Annotated[str | None, BeforeValidator(_time_in), AfterValidator(_time_checked)]
+
+
 def format_time(seconds: int) -> str:
     """Seconds as Slurm's `[D-]HH:MM:SS`."""
     days, rest = divmod(int(seconds), 86400)
@@ -85,7 +99,7 @@ class SlurmOptions(_Strict):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time: str | None = Field(None, description="Time limit, in any format sbatch accepts.")
+    time: SlurmTime = Field(None, description="Time limit, in any format sbatch accepts.")
     gpus_per_node: int | None = Field(None, ge=0, description="0: no GPUs (sim, or vLLM's CPU build).")
     cpus_per_task: int = Field(1, ge=1, description="CPUs for each MPI rank.")
     mem: str | None = Field(None, description="sbatch --mem, e.g. 64G (per node).")
@@ -99,18 +113,6 @@ class SlurmOptions(_Strict):
         None, ge=1, description="--signal=USR2@grace_s: seconds of warning before the time limit "
                                 "(default: runtime.shutdown_grace_s + 30, at least 60).")
     sbatch_args: list[str] = Field(default_factory=list, description="Extra sbatch options, e.g. --exclusive.")
-
-    @field_validator("time")
-    @classmethod
-    def _check_time(cls, v):
-        if v is not None:
-            parse_time(v)
-        return v
-
-    @field_validator("time", mode="before")
-    @classmethod
-    def _time_from_int(cls, v):
-        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("sbatch_args")
     @classmethod
@@ -136,7 +138,7 @@ class SiteConfig(_Strict):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time: str | None = Field(None, description="Default time limit.")
+    time: SlurmTime = Field(None, description="Default time limit.")
     gpus_per_node: int | None = Field(None, ge=0)
     modules: list[str] = Field(default_factory=list, description="`module load` each, in order.")
     setup: list[str] = Field(default_factory=list, description="Shell lines run before srun "
@@ -151,17 +153,6 @@ class SiteConfig(_Strict):
                                                  "(default: the one running slurmserve).")
     sbatch_args: list[str] = Field(default_factory=list)
 
-    @field_validator("time", mode="before")
-    @classmethod
-    def _time_from_int(cls, v):
-        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
-    @field_validator("time")
-    @classmethod
-    def _check_time(cls, v):
-        if v is not None:
-            parse_time(v)
-        return v
 
 
 def site_path() -> Path:
@@ -175,7 +166,7 @@ def site_path() -> Path:
 def load_site(path: str | os.PathLike | None = None) -> SiteConfig:
     """The site file, or empty defaults when there is none. `$SLURMSERVE_SITE` names another file
     (which must then exist)."""
-    from slurmserve.config import ConfigError, format_errors
+    from slurmserve.config import ConfigError, format_errors, read_yaml_mapping
 
     explicit = path is not None or bool(os.environ.get("SLURMSERVE_SITE"))
     p = Path(path).expanduser() if path is not None else site_path()
@@ -183,14 +174,7 @@ def load_site(path: str | os.PathLike | None = None) -> SiteConfig:
         if explicit:
             raise ConfigError(f"site file {p}: does not exist")
         return SiteConfig()
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"site file {p}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"site file {p}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"site file {p}: top level must be a mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(p, f"site file {p}")
     try:
         return SiteConfig.model_validate(data)
     except ValidationError as e:

@@ -113,6 +113,9 @@ def bootstrap(cfg: DeploymentConfig, endpoints_for=None) -> World:
     `endpoints_for(placement, address)` returns the endpoints this rank publishes (the head binds
     its ZeroMQ socket first and publishes the bound endpoint, so no port can be stolen).
     """
+    # MPI only bootstraps (a few allgathers), so Open MPI's shared-memory transport buys nothing and
+    # a killed rank would leave its 4 MiB segments in /dev/shm. Set before MPI_Init; overridable.
+    os.environ.setdefault("OMPI_MCA_btl", "self,tcp")
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD

@@ -165,6 +165,19 @@ def format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def read_yaml_mapping(path: str | os.PathLike, label: str) -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}), or a ConfigError saying why not."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{label}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{label}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> DeploymentConfig:
     """Load a YAML file (or the embedded default when path is None) and apply `--set` overrides.
 
@@ -173,16 +186,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> De
     if path is None:
         data, base, source = default_config_dict(), Path.cwd(), "<embedded default>"
     else:
-        p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-        base, source = p.resolve().parent, str(path)
+        data = read_yaml_mapping(path, str(path))
+        base, source = Path(path).resolve().parent, str(path)
     data = apply_overrides(data, list(overrides))
     try:
         cfg = DeploymentConfig.model_validate(data)

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from slurmserve.launcher.local_deployment import LocalDeployment
+from slurmserve.launcher.local_deployment import LocalDeployment, shm_files
 from slurmserve.router.tokenizer import Tokenizer
 
 MODEL = "tiny-llama"
@@ -247,6 +247,7 @@ def test_metrics(agg):
 def test_worker_killed_midstream(tiny_model_dir, tmp_path):
     cfg = sim_config(tiny_model_dir, workers=2)
     cfg["engine"]["sim"]["speedup"] = 0.5   # ~12 ms a token: streams outlive the kill
+    shm_before = shm_files()
     dep = LocalDeployment(tmp_path, cfg).start()
     try:
         c = dep.client()
@@ -280,9 +281,11 @@ def test_worker_killed_midstream(tiny_model_dir, tmp_path):
         leftover = dep.pids()
         dep.kill()
     assert leftover == [], f"processes left after shutdown: {leftover}"
+    assert shm_files() - shm_before == set(), "a killed rank left shared memory behind"
 
 
 def test_shutdown_leaves_no_process(tiny_model_dir, tmp_path):
+    shm_before = shm_files()
     dep = LocalDeployment(tmp_path, sim_config(tiny_model_dir, workers=2)).start()
     assert len(dep.pids()) >= 4   # serve, mpirun, head, 2 workers
     started = time.time()
@@ -292,6 +295,7 @@ def test_shutdown_leaves_no_process(tiny_model_dir, tmp_path):
     while dep.pids() and time.time() < deadline:
         time.sleep(0.1)
     assert dep.pids() == []
+    assert shm_files() - shm_before == set()
 
 
 # ---- disaggregated ------------------------------------------------------------------------------

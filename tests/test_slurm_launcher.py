@@ -432,10 +432,15 @@ def _cluster_up() -> str | None:
     return None
 
 
+SHM_BEFORE: set[str] = set()
+
+
 @pytest.fixture(scope="module")
 def cluster():
+    from slurmserve.launcher.local_deployment import shm_files
     why = _cluster_up()
     assert why is None, why
+    SHM_BEFORE.update(shm_files())
     r = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True)
     return r.stdout.split()[0].rstrip("*")
 
@@ -456,6 +461,7 @@ def job_processes(job_id: str, needle: str) -> list[str]:
 
 
 def assert_nothing_left(job_id: str, needle: str, timeout: float = 20) -> None:
+    from slurmserve.launcher.local_deployment import shm_files
     deadline = time.time() + timeout
     while time.time() < deadline:
         left = job_processes(job_id, needle)
@@ -465,6 +471,9 @@ def assert_nothing_left(job_id: str, needle: str, timeout: float = 20) -> None:
     assert not left, f"job {job_id} left processes: {left}"
     q = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
     assert q.stdout.strip() in ("",), q.stdout
+    # every node of the test cluster shares this host's /dev/shm: none may keep an MPI segment
+    left = shm_files() - SHM_BEFORE
+    assert not left, f"job {job_id} left shared memory: {sorted(left)}"
 
 
 def query(url: str, key: str) -> None:
