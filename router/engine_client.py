@@ -194,6 +194,7 @@ class EngineClient:
         self.metrics.instance_running.labels(*labels).set(load.running)
         self.metrics.instance_waiting.labels(*labels).set(load.waiting)
         self.metrics.instance_kv_usage.labels(*labels).set(load.kv_usage)
+        self.metrics.instance_external_kv_tokens.labels(*labels).set(load.external_kv_tokens)
         if not inst.up and hb.ready:
             inst.up = inst.ever_up = True
             self.metrics.instance_up.labels(*labels).set(1)

@@ -7,6 +7,7 @@ Today it counts events and tracks which instances' cache state is trustworthy; t
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from slurmserve.kvfabric.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSubscriber
 from slurmserve.router.metrics import HeadMetrics
@@ -17,20 +18,23 @@ log = logging.getLogger(__name__)
 class KVState:
     def __init__(self, metrics: HeadMetrics):
         self.metrics = metrics
-        self._count = {cls: metrics.kv_events.labels(cls.__name__) for cls in
-                       (BlockStored, BlockRemoved, AllBlocksCleared)}
+        self._count: dict[tuple[int, type], Any] = {}   # (instance, event class) -> counter child
         self.unknown: set[int] = set()   # instances whose cache state we may have missed events of
         self.subscriber = KVEventSubscriber(self.on_batch, self.on_gap)
 
     def watch(self, instance: int, endpoint: str) -> None:
+        for cls in (BlockStored, BlockRemoved, AllBlocksCleared):
+            self._count[instance, cls] = self.metrics.kv_events.labels(cls.__name__, instance)
         self.subscriber.add(instance, endpoint)
 
     def on_batch(self, instance: int, seq: int, events: list) -> None:
         count = self._count
         for ev in events:
-            counter = count.get(type(ev))
-            if counter is not None:
-                counter.inc()
+            counter = count.get((instance, type(ev)))
+            if counter is None:
+                counter = count[instance, type(ev)] = self.metrics.kv_events.labels(type(ev).__name__,
+                                                                                    instance)
+            counter.inc()
             if type(ev) is AllBlocksCleared:
                 self.unknown.discard(instance)   # an empty cache is known again
 

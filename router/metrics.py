@@ -39,10 +39,15 @@ class HeadMetrics:
         self.instance_kv_usage = Gauge("slurmserve:instance_kv_cache_usage_perc",
                                        "KV-cache usage per instance, 0..1 (heartbeat)",
                                        ["instance", "role"], registry=r)
+        # The engine's running total, copied from each heartbeat (a gauge: the head only mirrors it).
+        self.instance_external_kv_tokens = Gauge(
+            "slurmserve:instance_prompt_tokens_external_total",
+            "Prompt tokens whose KV an instance received from another instance (heartbeat)",
+            ["instance", "role"], registry=r)
         self.disagg = Counter("slurmserve:disagg_requests", "Disaggregated requests by path",
                               ["path"], registry=r)
         self.kv_events = Counter("slurmserve:kv_events", "KV events received from engines",
-                                 ["type"], registry=r)
+                                 ["type", "instance"], registry=r)
         self.kv_event_gaps = Counter("slurmserve:kv_event_gaps", "KV-event sequence gaps",
                                      ["instance"], registry=r)
 

@@ -70,6 +70,7 @@ class Load(msgspec.Struct, omit_defaults=True):
     kv_usage: float = 0.0          # fraction of KV blocks in use, 0..1
     num_kv_blocks: int = 0
     block_size: int = 0
+    external_kv_tokens: int = 0    # prompt tokens whose KV came from another instance, since start
 
 
 class Heartbeat(msgspec.Struct, tag=True):

@@ -432,7 +432,8 @@ class VllmEngine(Engine):
         if self.llm is not None and self.llm.get_num_unfinished_requests() == 0:
             running = waiting = 0   # the engine idles after its last step; nothing is in flight
         return Load(running=running, waiting=waiting, kv_usage=s.kv_usage,
-                    num_kv_blocks=self.num_kv_blocks, block_size=self.block_size)
+                    num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
+                    external_kv_tokens=s.prompt_tokens["external_kv_transfer"])
 
     def stats(self) -> dict[str, Any]:
         """Counters beyond Load: prompt tokens by source since start (local_compute,
