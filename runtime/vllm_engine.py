@@ -18,6 +18,11 @@ Environment is read by vLLM's engine-core child, which is started (spawned on CP
     engine core builds it.
   - UCX defaults from kvfabric.ucx_env for processes that create NIXL agents.
 
+Orphans. vLLM's engine core does not notice its parent dying: a rank killed with SIGKILL would leave
+it running, holding the KV cache and the rank's stdout (so a local `mpirun` never finishes). Each
+engine therefore starts a small watchdog process that waits on a pipe only this rank writes to; at
+EOF (the rank is gone) it kills the engine core and its children. stop() ends the watchdog first.
+
 KV events. vLLM's ZMQ publisher binds only endpoints that contain "*" (or "::", ipc, inproc) and
 *connects* to anything else, and offsets the port by the data-parallel rank (0 here). The runtime
 hands out a concrete `tcp://ip:port`, so it is bound as `tcp://*:port`.
@@ -33,6 +38,9 @@ import gc
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -51,6 +59,35 @@ _MAX_EARLY_ABORTS = 4096
 # a slow CPU and of no use, and it would push a deployment's shutdown past the launcher's grace.
 ENGINE_CORE_EXIT_TIMEOUT_S = 2.0
 _START_LOCK = threading.Lock()
+
+# Runs as `python -c _WATCHDOG FD PID:CREATE_TIME...`: blocks reading FD (a pipe whose only writer is
+# the rank); at EOF it kills the listed processes that are still the same processes, with their children.
+_WATCHDOG = """
+import os, signal, sys
+for s in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(s, signal.SIG_IGN)
+fd = int(sys.argv[1])
+try:
+    while os.read(fd, 64):
+        pass
+except OSError:
+    pass
+import psutil
+victims = []
+for arg in sys.argv[2:]:
+    pid, created = arg.split(":")
+    try:
+        p = psutil.Process(int(pid))
+        if abs(p.create_time() - float(created)) < 0.01:
+            victims += [p] + p.children(recursive=True)
+    except psutil.Error:
+        pass
+for p in victims:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
 
 
 # ---- _compat: everything that depends on the installed vLLM release ------------------------------
@@ -333,6 +370,7 @@ class VllmEngine(Engine):
         self.num_kv_blocks = 0
         self.block_size = 0
         self._counted = False
+        self._watchdog: tuple[subprocess.Popen, int] | None = None   # (process, write end of its pipe)
 
     async def start(self) -> None:
         kwargs = engine_kwargs(self.cfg, self.ctx)
@@ -346,6 +384,7 @@ class VllmEngine(Engine):
         # Building the engine blocks for the whole model load (vLLM waits for the engine core's
         # ready message), so it runs in a thread; AsyncLLM defers its asyncio tasks to first use.
         await asyncio.to_thread(self._build, kwargs, env)
+        self._start_watchdog()
         # Cache the supported tasks now: add_request awaits them, and once cached that await never
         # suspends, so a request is registered with vLLM before any other task (an abort) runs.
         await self.llm.get_supported_tasks()
@@ -368,7 +407,43 @@ class VllmEngine(Engine):
             self.llm = _compat.async_llm_cls().from_engine_args(
                 args_cls(**kwargs), stat_loggers=[_compat.stat_logger_factory(self._sink)])
 
+    def _start_watchdog(self) -> None:
+        import psutil   # a dependency of vLLM
+        targets = []
+        for proc in _compat.engine_processes(self.llm):
+            try:
+                targets.append(f"{proc.pid}:{psutil.Process(proc.pid).create_time()!r}")
+            except (psutil.Error, TypeError, ValueError):
+                pass
+        if not targets:
+            return
+        read_fd, write_fd = os.pipe()   # both ends non-inheritable: no other child keeps them open
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(read_fd), *targets],
+                                    pass_fds=(read_fd,), stdin=subprocess.DEVNULL)
+        except OSError:
+            os.close(write_fd)
+            log.warning("could not start the engine-core watchdog", exc_info=True)
+            return
+        finally:
+            os.close(read_fd)
+        self._watchdog = (proc, write_fd)
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is None:
+            return
+        proc, write_fd = self._watchdog
+        self._watchdog = None
+        proc.send_signal(signal.SIGTERM)   # before the engine core exits: its pid must not be reused
+        try:
+            proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.close(write_fd)
+
     async def stop(self) -> None:
+        self._stop_watchdog()
         llm, self.llm = self.llm, None
         if llm is not None:
             for req_id in list(self._streams):

@@ -1,0 +1,363 @@
+"""End to end with real vLLM: `slurmserve serve` (real mpirun) with vLLM CPU engines, driven through the
+openai client.
+
+Two deployments, each started once for the module: aggregated (head + 1 worker) and disaggregated
+(head + 1 prefill + 1 decode, KV over NIXL). Greedy outputs are checked against vLLM's own offline
+`LLM.generate` on the same prompt token ids (in a subprocess, like tests/test_vllm_engine.py); the
+disaggregated deployment must answer exactly like the aggregated one, report the decode instance's
+KV transfer, and keep answering correctly (through the fallback) once its prefill instance is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import openai
+import psutil
+import pytest
+
+from slurmserve.launcher.local_deployment import LocalDeployment
+from slurmserve.router.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.vllm
+
+MODEL = "tiny-llama"
+BLOCK = 32
+MAX_MODEL_LEN = 1024
+MAX_TOKENS = 24
+ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "block_size": BLOCK,
+               "kv_cache_memory_bytes": "256MiB"}
+# CPU settings for a 2-core box: no thread pinning, one OpenMP thread per engine. `slurmserve serve`
+# inherits os.environ, and mpirun hands its whole environment to the ranks it starts on this host.
+CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+# Token-id prompts of 40, 70 and 100 tokens (1, 2 and 3 full blocks), distinct from the first token on.
+TOKEN_PROMPTS = [[(7 * i + 13 * k) % 300 + 10 for i in range(n)] for k, n in ((1, 40), (2, 70), (3, 100))]
+CHAT = [{"role": "system", "content": "you are a helpful assistant ."},
+        {"role": "user", "content": "what is the capital of france ? tell me about its history too ."}]
+
+OFFLINE = textwrap.dedent("""
+    import json, sys
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    if __name__ == "__main__":
+        model, prompts, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+        max_len, args = int(sys.argv[4]), json.loads(sys.argv[5])
+        llm = LLM(model=model, max_model_len=max_len, **args)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                            SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
+        print("RESULT " + json.dumps([[list(o.outputs[0].token_ids), o.outputs[0].finish_reason]
+                                      for o in outs]))
+""")
+
+
+def vllm_config(model_dir, **pools) -> dict:
+    return {
+        "model": {"path": str(model_dir), "name": MODEL, "max_model_len": MAX_MODEL_LEN},
+        "engine": {"kind": "vllm", "args": ENGINE_ARGS},
+        "pools": pools,
+        "router": {"host": "127.0.0.1", "port": 0, "policy": "round_robin"},
+        "runtime": {"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 2.0},
+    }
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels match; a label value may be a regex (re.Pattern)."""
+    total = 0.0
+    for m in re.finditer(r"^(\S+?)(?:\{(.*)\})? (\S+)$", text, re.M):
+        if m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(k in have and (v.fullmatch(have[k]) if isinstance(v, re.Pattern) else have[k] == str(v))
+               for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+def wait_for(cond, timeout: float, what: str, poll: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(poll)
+
+
+# ---- fixtures -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cpu_env():
+    saved = dict(os.environ)
+    os.environ.update(CPU_ENV)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return Tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    """(kind, prompt, token ids): three token-id completions and one chat."""
+    return ([("completion", p, p) for p in TOKEN_PROMPTS]
+            + [("chat", CHAT, tok.apply_chat_template(CHAT))])
+
+
+class Offline:
+    """vLLM's offline LLM.generate on the prompts' token ids, in its own process (started at once)."""
+
+    def __init__(self, model_dir, token_prompts):
+        args = dict(ENGINE_ARGS, kv_cache_memory_bytes=256 << 20)   # LLM() takes bytes, not "256MiB"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", OFFLINE, str(model_dir), json.dumps(token_prompts), str(MAX_TOKENS),
+             str(MAX_MODEL_LEN), json.dumps(args)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+        self._result = None
+
+    def result(self) -> list:
+        if self._result is None:
+            try:
+                out, err = self.proc.communicate(timeout=240)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                out, err = self.proc.communicate()
+            lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+            assert self.proc.returncode == 0 and lines, \
+                f"offline vLLM failed ({self.proc.returncode}):\n{err[-4000:]}"
+            self._result = json.loads(lines[-1][len("RESULT "):])
+        return self._result
+
+
+@pytest.fixture(scope="module")
+def offline(cpu_env, tiny_model_dir, prompts):
+    off = Offline(tiny_model_dir, [ids for _, _, ids in prompts])
+    yield off
+    if off.proc.poll() is None:
+        off.proc.kill()
+        off.proc.communicate()
+
+
+def _deployment(tmp_path_factory, model_dir, name, **pools):
+    dep = LocalDeployment(tmp_path_factory.mktemp(name), vllm_config(model_dir, **pools))
+    try:
+        dep.start(timeout=240)
+    except BaseException:
+        dep.kill()
+        raise
+    return dep
+
+
+def engine_processes(pid: int) -> list[psutil.Process]:
+    """An engine rank and its children (vLLM's engine core, the watchdog), which `dep.pids()`
+    cannot see: their command lines do not name the config."""
+    try:
+        p = psutil.Process(pid)
+        return [p] + p.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _teardown(dep, extra=()) -> None:
+    procs = [p for i in dep.info.get("instances", []) for p in engine_processes(i["pid"])] + list(extra)
+    try:
+        rc = dep.stop()
+    finally:
+        dep.kill()
+    left = []
+    deadline = time.monotonic() + 5
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except psutil.NoSuchProcess:
+            continue
+        except psutil.TimeoutExpired:
+            left.append((p.pid, p.name()))
+            p.kill()
+    assert not left, f"engine processes outlived the deployment: {left}"
+    assert rc == 0, f"serve exited with {rc}:\n" + (dep.dir / "serve.log").read_text(errors="replace")[-6000:]
+
+
+@pytest.fixture(scope="module")
+def agg(cpu_env, offline, tiny_model_dir, tmp_path_factory):
+    dep = _deployment(tmp_path_factory, tiny_model_dir, "vllm-agg", workers=1)
+    yield dep
+    _teardown(dep)
+
+
+@pytest.fixture(scope="module")
+def disagg(cpu_env, tiny_model_dir, tmp_path_factory):
+    dep = _deployment(tmp_path_factory, tiny_model_dir, "vllm-1p1d", prefill=1, decode=1)
+    dep.orphans = []   # processes of a killed instance: must be gone at teardown
+    yield dep
+    _teardown(dep, dep.orphans)
+
+
+def ask(client, kind, prompt, **kw):
+    """(text, completion_tokens, finish_reason) of one greedy request."""
+    if kind == "chat":
+        r = client.chat.completions.create(model=MODEL, messages=prompt, max_tokens=MAX_TOKENS,
+                                           temperature=0, **kw)
+        return r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, **kw)
+    return r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason
+
+
+def ask_stream(client, kind, prompt):
+    opts = dict(model=MODEL, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+                stream_options={"include_usage": True})
+    if kind == "chat":
+        chunks = list(client.chat.completions.create(messages=prompt, **opts))
+        parts = [(c.choices[0].delta.content or "", c.choices[0].finish_reason) for c in chunks if c.choices]
+    else:
+        chunks = list(client.completions.create(prompt=prompt, **opts))
+        parts = [(c.choices[0].text, c.choices[0].finish_reason) for c in chunks if c.choices]
+    assert len(parts) > 2, "tokens must arrive over several chunks"
+    return "".join(p for p, _ in parts), chunks[-1].usage.completion_tokens, parts[-1][1]
+
+
+@pytest.fixture(scope="module")
+def agg_answers(agg, prompts):
+    c = agg.client(timeout=60)
+    return [ask(c, kind, prompt) for kind, prompt, _ in prompts]
+
+
+# ---- aggregated ---------------------------------------------------------------------------------
+
+def test_aggregated_matches_offline_llm(offline, agg_answers, prompts, tok):
+    want = offline.result()
+    for (kind, _, ids), (text, n, finish), (want_ids, want_finish) in zip(prompts, agg_answers, want):
+        assert want_ids, "the offline engine generated nothing"
+        assert (text, n, finish) == (tok.decode(want_ids), len(want_ids), want_finish), kind
+
+
+def test_aggregated_streaming_equals_non_streaming(agg, agg_answers, prompts):
+    c = agg.client(timeout=60)
+    for (kind, prompt, _), answer in zip(prompts, agg_answers):
+        assert ask_stream(c, kind, prompt) == answer, kind
+
+
+def test_aggregated_kv_events_reach_head(agg, agg_answers):
+    # The earlier requests filled full blocks; an unseen prompt of 2 full blocks must add an event
+    # (one BlockStored event may carry several blocks).
+    before = wait_for(lambda: metric(agg.metrics(), "slurmserve:kv_events_total", type="BlockStored",
+                                     instance="0"), 5, "BlockStored events of the earlier requests")
+    agg.client(timeout=60).completions.create(model=MODEL, prompt=[300 - i for i in range(2 * BLOCK + 5)],
+                                              max_tokens=2, temperature=0)
+    wait_for(lambda: metric(agg.metrics(), "slurmserve:kv_events_total", type="BlockStored",
+                            instance="0") > before, 5, "a BlockStored event of the new prompt")
+    assert metric(agg.metrics(), "slurmserve:kv_event_gaps_total") == 0
+
+
+# ---- disaggregated ------------------------------------------------------------------------------
+
+def test_disaggregated_matches_aggregated(disagg, agg_answers, prompts):
+    c = disagg.client(timeout=60)
+    answers = [ask(c, kind, prompt) for kind, prompt, _ in prompts]
+    assert answers == agg_answers
+    assert ask_stream(c, *prompts[-1][:2]) == agg_answers[-1]
+    m = disagg.metrics()
+    n = len(prompts) + 1
+    assert metric(m, "slurmserve:disagg_requests_total", path="remote_prefill") == n
+    assert metric(m, "slurmserve:disagg_requests_total", path=re.compile("fallback.*")) == 0
+
+    # The decode instance got every prompt's full blocks over NIXL (reported in its heartbeats);
+    # the prefill instance computed them and received nothing.
+    roles = {i["role"]: str(i["index"]) for i in disagg.info["instances"]}
+    full_blocks = sum(len(ids) // BLOCK * BLOCK for _, _, ids in prompts)   # the streamed repeat hits the cache
+
+    def external(role):
+        return metric(disagg.metrics(), "slurmserve:instance_prompt_tokens_external_total",
+                      instance=roles[role], role=role)
+
+    wait_for(lambda: external("decode") >= full_blocks, 5, "the decode instance's KV transfer in a heartbeat")
+    assert external("prefill") == 0
+
+
+def test_disaggregated_kv_events_from_both_instances(disagg):
+    roles = {i["role"]: str(i["index"]) for i in disagg.info["instances"]}
+    c = disagg.client(timeout=60)
+    c.completions.create(model=MODEL, prompt=[200 + (i % 50) for i in range(3 * BLOCK + 1)], max_tokens=2,
+                         temperature=0)
+
+    def stored(role):
+        return metric(disagg.metrics(), "slurmserve:kv_events_total", type="BlockStored", instance=roles[role])
+
+    wait_for(lambda: stored("prefill") > 0 and stored("decode") > 0, 5,
+             "BlockStored events from the prefill and the decode instance")
+    assert metric(disagg.metrics(), "slurmserve:kv_event_gaps_total") == 0
+
+
+def test_prefill_killed_falls_back(disagg, agg_answers, prompts):
+    """SIGKILL the prefill instance under load: requests started after the kill are answered
+    correctly by the decode instance alone; ones in flight may fail (their KV may be unreachable)."""
+    prefill = next(i for i in disagg.info["instances"] if i["role"] == "prefill")
+    decode = next(i for i in disagg.info["instances"] if i["role"] == "decode")
+    disagg.orphans = engine_processes(prefill["pid"])   # must all go with the rank (see teardown)
+    c = disagg.client(timeout=60)
+    results: list[tuple[float, int, object]] = []   # (start time, prompt index, answer or exception)
+    stop = threading.Event()
+    killed = {"at": float("inf")}
+
+    def load(offset):
+        i = offset
+        while not stop.is_set():
+            k = i % len(prompts)
+            started = time.monotonic()
+            try:
+                results.append((started, k, ask(c, *prompts[k][:2])))
+            except openai.APIError as e:
+                results.append((started, k, e))
+            i += 1
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(results) >= 4, 30, "requests before the kill")
+        time.sleep(0.2)   # and some in flight
+        killed["at"] = time.monotonic()
+        os.kill(prefill["pid"], signal.SIGKILL)
+        # until the head has dropped the prefill instance and a few requests went to decode alone
+        wait_for(lambda: sum(s > killed["at"] for s, _, _ in results) >= 8
+                 and metric(disagg.metrics(), "slurmserve:instance_up", instance=prefill["index"]) == 0,
+                 60, "requests after the kill")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=90)
+    before = [(k, r) for s, k, r in results if s < killed["at"]]
+    after = [(k, r) for s, k, r in results if s > killed["at"]]
+    assert len(before) >= 2, "no load before the kill"
+    for k, r in before:
+        assert isinstance(r, openai.APIError) or r == agg_answers[k], (k, r)
+    for k, r in after:
+        assert r == agg_answers[k], (k, r)
+
+    m = disagg.metrics()
+    assert metric(m, "slurmserve:disagg_requests_total", path=re.compile("fallback.*")) > 0
+    assert metric(m, "slurmserve:instance_up", instance=decode["index"]) == 1
+    # the killed rank's engine core (and everything else it started) went with it
+    wait_for(lambda: not any(map(alive, disagg.orphans)), 10, "the killed instance's engine core to exit")
+    # and the decode instance keeps serving: one more of each prompt
+    for k, (kind, prompt, _) in enumerate(prompts):
+        assert ask(c, kind, prompt) == agg_answers[k]
