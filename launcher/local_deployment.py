@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,20 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` in Prometheus text whose labels match; a label value may be a
+    compiled regex."""
+    total = 0.0
+    for m in re.finditer(r"^(\S+?)(?:\{(.*)\})? (\S+)$", text, re.M):
+        if m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(k in have and (v.fullmatch(have[k]) if isinstance(v, re.Pattern) else have[k] == str(v))
+               for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
 
 
 def shm_files() -> set[str]:

@@ -25,8 +25,8 @@ def test_matches_vllm_sha256():
     assert block_hashes(TOKENS, 16, "0") == VLLM_SHA256_SEED0
 
 
+@pytest.mark.vllm   # cbor2 comes with vLLM
 def test_matches_vllm_sha256_cbor():
-    pytest.importorskip("cbor2")
     assert block_hashes(TOKENS, 16, DEFAULT_HASH_SEED, algo="sha256_cbor") == VLLM_SHA256_CBOR
     assert block_hashes(TOKENS, 16, "0", algo="sha256_cbor") == VLLM_SHA256_CBOR_SEED0
 

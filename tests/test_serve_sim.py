@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from slurmserve.launcher.local_deployment import LocalDeployment, shm_files
+from slurmserve.launcher.local_deployment import metric_value as metric
 from slurmserve.router.tokenizer import Tokenizer
 
 MODEL = "tiny-llama"
@@ -33,14 +34,6 @@ def agg(tiny_model_dir, tmp_path_factory):
     yield dep
     dep.stop()
     dep.kill()
-
-
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 # ---- happy paths --------------------------------------------------------------------------------

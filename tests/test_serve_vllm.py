@@ -10,13 +10,9 @@ KV transfer, and keep answering correctly (through the fallback) once its prefil
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 
@@ -24,38 +20,19 @@ import openai
 import psutil
 import pytest
 
+import vllm_cpu
 from slurmserve.launcher.local_deployment import LocalDeployment
+from slurmserve.launcher.local_deployment import metric_value as metric
 from slurmserve.router.tokenizer import Tokenizer
+from vllm_cpu import BLOCK, ENGINE_ARGS, MAX_MODEL_LEN, MAX_TOKENS, Offline
 
 pytestmark = pytest.mark.vllm
 
 MODEL = "tiny-llama"
-BLOCK = 32
-MAX_MODEL_LEN = 1024
-MAX_TOKENS = 24
-ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "block_size": BLOCK,
-               "kv_cache_memory_bytes": "256MiB"}
-# CPU settings for a 2-core box: no thread pinning, one OpenMP thread per engine. `slurmserve serve`
-# inherits os.environ, and mpirun hands its whole environment to the ranks it starts on this host.
-CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 # Token-id prompts of 40, 70 and 100 tokens (1, 2 and 3 full blocks), distinct from the first token on.
 TOKEN_PROMPTS = [[(7 * i + 13 * k) % 300 + 10 for i in range(n)] for k, n in ((1, 40), (2, 70), (3, 100))]
 CHAT = [{"role": "system", "content": "you are a helpful assistant ."},
         {"role": "user", "content": "what is the capital of france ? tell me about its history too ."}]
-
-OFFLINE = textwrap.dedent("""
-    import json, sys
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-    if __name__ == "__main__":
-        model, prompts, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-        max_len, args = int(sys.argv[4]), json.loads(sys.argv[5])
-        llm = LLM(model=model, max_model_len=max_len, **args)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                            SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
-        print("RESULT " + json.dumps([[list(o.outputs[0].token_ids), o.outputs[0].finish_reason]
-                                      for o in outs]))
-""")
 
 
 def vllm_config(model_dir, **pools) -> dict:
@@ -66,19 +43,6 @@ def vllm_config(model_dir, **pools) -> dict:
         "router": {"host": "127.0.0.1", "port": 0, "policy": "round_robin"},
         "runtime": {"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 2.0},
     }
-
-
-def metric(text: str, name: str, **labels) -> float:
-    """Sum of the samples of `name` whose labels match; a label value may be a regex (re.Pattern)."""
-    total = 0.0
-    for m in re.finditer(r"^(\S+?)(?:\{(.*)\})? (\S+)$", text, re.M):
-        if m.group(1) != name:
-            continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if all(k in have and (v.fullmatch(have[k]) if isinstance(v, re.Pattern) else have[k] == str(v))
-               for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
 
 
 def wait_for(cond, timeout: float, what: str, poll: float = 0.1):
@@ -96,11 +60,8 @@ def wait_for(cond, timeout: float, what: str, poll: float = 0.1):
 
 @pytest.fixture(scope="module")
 def cpu_env():
-    saved = dict(os.environ)
-    os.environ.update(CPU_ENV)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+    with vllm_cpu.cpu_env():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -115,39 +76,11 @@ def prompts(tok):
             + [("chat", CHAT, tok.apply_chat_template(CHAT))])
 
 
-class Offline:
-    """vLLM's offline LLM.generate on the prompts' token ids, in its own process (started at once)."""
-
-    def __init__(self, model_dir, token_prompts):
-        args = dict(ENGINE_ARGS, kv_cache_memory_bytes=256 << 20)   # LLM() takes bytes, not "256MiB"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", OFFLINE, str(model_dir), json.dumps(token_prompts), str(MAX_TOKENS),
-             str(MAX_MODEL_LEN), json.dumps(args)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-        self._result = None
-
-    def result(self) -> list:
-        if self._result is None:
-            try:
-                out, err = self.proc.communicate(timeout=240)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                out, err = self.proc.communicate()
-            lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-            assert self.proc.returncode == 0 and lines, \
-                f"offline vLLM failed ({self.proc.returncode}):\n{err[-4000:]}"
-            self._result = json.loads(lines[-1][len("RESULT "):])
-        return self._result
-
-
 @pytest.fixture(scope="module")
 def offline(cpu_env, tiny_model_dir, prompts):
     off = Offline(tiny_model_dir, [ids for _, _, ids in prompts])
     yield off
-    if off.proc.poll() is None:
-        off.proc.kill()
-        off.proc.communicate()
+    off.kill()
 
 
 def _deployment(tmp_path_factory, model_dir, name, **pools):

@@ -15,19 +15,15 @@ import socket
 import pytest
 
 pytestmark = pytest.mark.vllm
-pytest.importorskip("vllm")
-pytest.importorskip("nixl")
+
+from vllm_cpu import BLOCK, CPU_ENV, ENGINE_ARGS  # noqa: E402
 
 from slurmserve.config import DeploymentConfig  # noqa: E402
 from slurmserve.runtime.engine import EngineContext, EngineRequest  # noqa: E402
 from slurmserve.runtime.protocol import SamplingParams  # noqa: E402
 from slurmserve.runtime.vllm_engine import VllmEngine  # noqa: E402
 
-BLOCK = 32
-ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "block_size": BLOCK,
-               "kv_cache_memory_bytes": "128MiB"}
-CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
-           "UCX_NET_DEVICES": "lo", "UCX_WARN_UNUSED_ENV_VARS": "n"}
+ENGINE_ARGS = dict(ENGINE_ARGS, kv_cache_memory_bytes="128MiB")   # two engines in one process
 PROMPT = [(5 * i + 3) % 300 + 10 for i in range(100)]   # 3 full blocks + 4 tokens
 MAX_TOKENS = 16
 PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,

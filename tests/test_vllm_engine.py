@@ -8,19 +8,14 @@ kvfabric.block_hash), prefix-cache accounting, abort, load and a clean stop.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 
 import pytest
 
 pytestmark = pytest.mark.vllm
-pytest.importorskip("vllm")
 
 import msgspec  # noqa: E402
 import psutil  # noqa: E402
@@ -30,6 +25,8 @@ from slurmserve.config import DeploymentConfig  # noqa: E402
 from slurmserve.kvfabric.block_hash import block_hashes  # noqa: E402
 from slurmserve.runtime.engine import EngineContext, EngineRequest  # noqa: E402
 from slurmserve.runtime.protocol import SamplingParams  # noqa: E402
+from vllm_cpu import BLOCK, ENGINE_ARGS, MAX_MODEL_LEN, MAX_TOKENS, Offline, cpu_env  # noqa: E402
+
 from slurmserve.runtime.vllm_engine import (  # noqa: E402
     KV_EVENTS_TOPIC,
     VllmEngine,
@@ -37,30 +34,9 @@ from slurmserve.runtime.vllm_engine import (  # noqa: E402
     kv_events_bind_endpoint,
 )
 
-BLOCK = 32
-MAX_MODEL_LEN = 1024
-ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "block_size": BLOCK,
-               "kv_cache_memory_bytes": "256MiB"}
-# CPU settings for a 2-core box: no thread pinning, one OpenMP thread per engine.
-CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 # Three prompts: 40, 70 and 100 tokens (1, 2 and 3 full blocks), distinct from the first token on.
 PROMPTS = [[(7 * i + 11 * k) % 300 + 10 for i in range(n)] for k, n in ((1, 40), (2, 70), (3, 100))]
-MAX_TOKENS = 24
 
-OFFLINE = textwrap.dedent("""
-    import json, sys
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-    if __name__ == "__main__":
-        model, prompts = sys.argv[1], json.loads(sys.argv[2])
-        max_tokens, max_len = int(sys.argv[3]), int(sys.argv[4])
-        llm = LLM(model=model, dtype="float32", enforce_eager=True, block_size=32, max_model_len=max_len,
-                  kv_cache_memory_bytes=256 << 20)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                            SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
-        res = [[list(o.outputs[0].token_ids), o.outputs[0].finish_reason] for o in outs]
-        print("RESULT " + json.dumps(res))
-""")
 
 
 def free_port() -> int:
@@ -127,37 +103,20 @@ def _stored_hashes(events) -> set[int]:
 
 @pytest.fixture(scope="module")
 def eng(tiny_model_dir):
-    model_dir = tiny_model_dir
-    saved = dict(os.environ)
-    os.environ.update(CPU_ENV)
-    offline = subprocess.Popen(
-        [sys.executable, "-c", OFFLINE, str(model_dir), json.dumps(PROMPTS), str(MAX_TOKENS),
-         str(MAX_MODEL_LEN)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-    r = Running(model_dir)
-    r.baseline_threads = threading.active_count()
-    try:
-        r.run(r.engine.start(), timeout=240)
+    with cpu_env():
+        offline = Offline(tiny_model_dir, PROMPTS)
+        r = Running(tiny_model_dir)
+        r.baseline_threads = threading.active_count()
         try:
-            out, err = offline.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
+            r.run(r.engine.start(), timeout=240)
+            r.offline = offline.result()
+            yield r
+        finally:
             offline.kill()
-            out, err = offline.communicate()
-        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-        assert offline.returncode == 0 and lines, \
-            f"offline vLLM failed ({offline.returncode}):\n{err[-4000:]}"
-        r.offline = json.loads(lines[-1][len("RESULT "):])
-        yield r
-    finally:
-        if offline.poll() is None:
-            offline.kill()
-        r.run(r.engine.stop(), timeout=60)
-        r.sub.close(linger=0)
-        r.zctx.term()
-        r.loop.close()
-        os.environ.clear()
-        os.environ.update(saved)
+            r.run(r.engine.stop(), timeout=60)
+            r.sub.close(linger=0)
+            r.zctx.term()
+            r.loop.close()
 
 
 def test_ucx_env_defaults(tmp_path):
