@@ -227,11 +227,15 @@ class KVEventSubscriber:
         self.batches = 0
         self.decode_errors = 0
 
-    def add(self, instance: int, endpoint: str) -> None:
-        """Connect to one instance's publisher (replacing any earlier connection for it)."""
+    def add(self, instance: int, endpoint: str, server_key: bytes | None = None) -> None:
+        """Connect to one instance's publisher (replacing any earlier connection for it), as a CURVE
+        client when `server_key` (the publisher's public key) is given."""
         if instance in self._socks:
             self.remove(instance)
         sock = self._ctx.socket(zmq.SUB)
+        if server_key is not None:
+            sock.curve_serverkey = server_key
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
         sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, self.topic)

@@ -15,6 +15,7 @@ import sys
 import time
 
 from slurmserve.config import DeploymentConfig
+from slurmserve.runtime.rank_main import HEAD_EXIT_FILE
 
 
 def mpirun_command(cfg: DeploymentConfig, config_path: str | None, overrides: list[str]) -> list[str]:
@@ -38,7 +39,17 @@ def mpirun_command(cfg: DeploymentConfig, config_path: str | None, overrides: li
 
 
 def serve(cfg: DeploymentConfig, config_path: str | None, overrides: list[str]) -> int:
-    cmd = mpirun_command(cfg, config_path, overrides)
+    """Run the deployment until it ends; the head's exit code (mpirun's own is 0 in recovery mode)."""
+    head_exit = cfg.log_dir / HEAD_EXIT_FILE
+    head_exit.unlink(missing_ok=True)
+    rc = _run_mpirun(cfg, mpirun_command(cfg, config_path, overrides))
+    try:
+        return rc or int(head_exit.read_text())
+    except (OSError, ValueError):   # the head never got to write it (killed): mpirun's word stands
+        return rc
+
+
+def _run_mpirun(cfg: DeploymentConfig, cmd: list[str]) -> int:
     env = dict(os.environ, OMPI_MCA_pmix_server_max_wait="10")
     proc = subprocess.Popen(cmd, start_new_session=True, env=env)
     stopping = {"at": None}

@@ -79,6 +79,7 @@ class LocalDeployment:
                 self.info = json.loads(endpoint.read_text())
                 return self
             time.sleep(0.1)
+        self.kill()   # leave nothing running behind a failed start
         raise TimeoutError(f"deployment not ready after {timeout} s:\n{self.output()}")
 
     def output(self) -> str:

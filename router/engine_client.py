@@ -119,9 +119,8 @@ class EngineClient:
     async def close(self, reason: str, grace_s: float) -> None:
         """Ask every instance to shut down and wait (up to grace_s) for their goodbyes."""
         self.closing = True
-        for inst in self.instances:
-            if inst.up:
-                self.sock.send_to(inst.identity, P.encode(P.Shutdown(reason)))
+        for inst in self.instances:   # down ones too: one that is only late still hears it
+            self.sock.send_to(inst.identity, P.encode(P.Shutdown(reason)))
         deadline = time.monotonic() + grace_s
         while any(i.up for i in self.instances) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

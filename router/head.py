@@ -71,6 +71,10 @@ def load_api_key(cfg: DeploymentConfig) -> str:
     return key
 
 
+class HeadError(RuntimeError):
+    """The head cannot serve for a reason the user can fix; the message says which setting."""
+
+
 class Head:
     def __init__(self, cfg: DeploymentConfig, zctx: zmq.Context, sock: zmq.Socket):
         self.cfg = cfg
@@ -103,18 +107,32 @@ class Head:
         client = EngineClient(self.sock, instances, {r: make_policy(cfg.router.policy) for r in roles},
                               metrics, cfg.runtime.heartbeat_timeout_s)
         client.start()
+        try:
+            return await self._serve(world, tokenizer, metrics, instances, client)
+        except Exception as e:
+            # Tell the workers, or they would wait for a head that is gone (rank_main ends the job).
+            await client.close(f"the head failed: {e}", grace_s=2.0)
+            raise
+
+    async def _serve(self, world: World, tokenizer: Tokenizer, metrics: HeadMetrics,
+                     instances: list[Instance], client: EngineClient) -> int:
+        cfg = self.cfg
         api_key = load_api_key(cfg)
         kv_state = KVState(metrics)
         for inst, leader in zip(instances, world.instance_leaders(cfg)):
             if leader.endpoints.get("kv_events"):
-                kv_state.watch(inst.index, leader.endpoints["kv_events"])
+                key = leader.endpoints.get("kv_events_key")
+                kv_state.watch(inst.index, leader.endpoints["kv_events"], key.encode() if key else None)
         app = HeadApp(orchestrator=Orchestrator(client, metrics, cfg.pools.disaggregated),
                       tokenizer=tokenizer, metrics=metrics, model_name=cfg.model.served_name,
                       max_model_len=cfg.model.max_model_len, api_key=api_key,
                       max_concurrent=cfg.router.max_concurrent_requests)
 
-        listener = socket.create_server((cfg.router.host or world.head.address, cfg.router.port),
-                                        backlog=2048)
+        address = (cfg.router.host or world.head.address, cfg.router.port)
+        try:
+            listener = socket.create_server(address, backlog=2048)
+        except OSError as e:
+            raise HeadError(f"router: cannot listen on {address[0]}:{address[1]}: {e.strerror}") from None
         host, port = listener.getsockname()[:2]
         server = uvicorn.Server(uvicorn.Config(
             app, loop="none", http=NoDelayHttpProtocol, lifespan="off", access_log=False,
@@ -139,7 +157,7 @@ class Head:
                 "api_key_file": str(cfg.api_key_file or cfg.log_dir / "api_key"),
                 "control": world.head.endpoints["control"],
                 "instances": [{"index": i.index, "role": i.role, "address": r.address, "pid": r.pid,
-                               "hostname": r.hostname}
+                               "hostname": r.hostname, "kv_events": r.endpoints.get("kv_events")}
                               for i, r in zip(instances, world.instance_leaders(cfg))]}
         write_private(cfg.log_dir / "endpoint.json", json.dumps(info, indent=2) + "\n")
         # Inside a Slurm job the job registry gets the endpoint, the key and, below, readiness.

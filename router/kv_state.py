@@ -22,10 +22,10 @@ class KVState:
         self.unknown: set[int] = set()   # instances whose cache state we may have missed events of
         self.subscriber = KVEventSubscriber(self.on_batch, self.on_gap)
 
-    def watch(self, instance: int, endpoint: str) -> None:
+    def watch(self, instance: int, endpoint: str, server_key: bytes | None) -> None:
         for cls in (BlockStored, BlockRemoved, AllBlocksCleared):
             self._count[instance, cls] = self.metrics.kv_events.labels(cls.__name__, instance)
-        self.subscriber.add(instance, endpoint)
+        self.subscriber.add(instance, endpoint, server_key)
 
     def on_batch(self, instance: int, seq: int, events: list) -> None:
         count = self._count

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import sys
+import tempfile
 
 import uvloop
+import zmq
 
 from slurmserve.config import DeploymentConfig
+from slurmserve.kvfabric.relay import KVEventRelay
 from slurmserve.runtime.bootstrap import BootstrapError, World, bootstrap, free_port
 from slurmserve.runtime.engine import EngineContext, create_engine
 from slurmserve.runtime.worker import Worker
 
 log = logging.getLogger("slurmserve.rank")
+
+HEAD_EXIT_FILE = "head_exit_code"
 
 
 def _setup_logging(rank: int, role: str, cfg: DeploymentConfig) -> None:
@@ -25,6 +31,7 @@ def _setup_logging(rank: int, role: str, cfg: DeploymentConfig) -> None:
 
 def run_rank(cfg: DeploymentConfig) -> int:
     head_sock = {}
+    kv_curve = {}   # this rank's KV-event publisher keys, when it leads an instance
 
     def endpoints_for(placement, address):
         if placement.is_head:
@@ -32,7 +39,9 @@ def run_rank(cfg: DeploymentConfig) -> int:
             head_sock["zmq"] = Head.bind_control_socket(address)
             return head_sock["zmq"][2]
         if placement.instance_rank == 0:
-            return {"kv_events": f"tcp://{address}:{free_port(address)}",
+            public, secret = zmq.curve_keypair()
+            kv_curve["keys"] = (public, secret)
+            return {"kv_events": f"tcp://{address}:{free_port(address)}", "kv_events_key": public.decode(),
                     "kv_side_channel_port": free_port(address)}
         return {}
 
@@ -44,21 +53,35 @@ def run_rank(cfg: DeploymentConfig) -> int:
     p = world.placement
     _setup_logging(p.rank, p.role, cfg)
     if p.is_head:
-        from slurmserve.router.head import Head
+        from slurmserve.router.head import Head, HeadError
         zctx, sock, _ = head_sock["zmq"]
-        return uvloop.run(Head(cfg, zctx, sock).run(world))
-    return uvloop.run(_run_engine_rank(cfg, world))
+        code = 1   # on failure the head has told the workers to stop, so the job ends
+        try:
+            code = uvloop.run(Head(cfg, zctx, sock).run(world))
+        except HeadError as e:     # a user's mistake (say, the port is taken): no traceback
+            log.error("%s", e)
+        except Exception:
+            log.exception("the head failed")
+        # mpirun in recovery mode exits 0 whatever the ranks did; `slurmserve serve` reads this.
+        (cfg.log_dir / HEAD_EXIT_FILE).write_text(f"{code}\n")
+        return code
+    return uvloop.run(_run_engine_rank(cfg, world, kv_curve.get("keys")))
 
 
-async def _run_engine_rank(cfg: DeploymentConfig, world: World) -> int:
+async def _run_engine_rank(cfg: DeploymentConfig, world: World, kv_curve_keys) -> int:
     p = world.placement
     me = world.ranks[p.rank]
-    ctx = EngineContext(instance=p.instance, role=p.role, host=me.address,
-                        kv_events_endpoint=me.endpoints.get("kv_events", ""),
-                        kv_side_channel_port=int(me.endpoints.get("kv_side_channel_port", 0)),
-                        comm=world.instance_comm)
     if p.instance_rank != 0:
         raise NotImplementedError("multi-rank engine instances arrive with the TensorRT-LLM engine")
+    # The engine publishes KV events where only this user can connect; the relay re-publishes them
+    # on the job's network to CURVE clients (kvfabric/relay.py says why).
+    private = tempfile.mkdtemp(prefix="slurmserve-kv-")   # mode 0700
+    local_events = f"ipc://{private}/events"
+    relay = KVEventRelay(local_events, me.endpoints["kv_events"], kv_curve_keys)
+    ctx = EngineContext(instance=p.instance, role=p.role, host=me.address,
+                        kv_events_endpoint=local_events,
+                        kv_side_channel_port=int(me.endpoints.get("kv_side_channel_port", 0)),
+                        comm=world.instance_comm)
     # SIGUSR2 is for the head (it drains and then shuts the workers down); a worker only
     # keeps serving until told. SIGTERM/SIGINT stop it directly (handled in Worker.run).
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
@@ -66,5 +89,9 @@ async def _run_engine_rank(cfg: DeploymentConfig, world: World) -> int:
     worker = Worker(engine, world.head.endpoints["control"], world.head.endpoints["control_key"].encode(),
                     p.instance, cfg.runtime.heartbeat_interval_s,
                     head_timeout_s=max(5.0, 3 * cfg.runtime.heartbeat_timeout_s))
-    await worker.run()
+    try:
+        await worker.run()
+    finally:
+        relay.close()
+        shutil.rmtree(private, ignore_errors=True)
     return 0

@@ -23,9 +23,10 @@ it running, holding the KV cache and the rank's stdout (so a local `mpirun` neve
 engine therefore starts a small watchdog process that waits on a pipe only this rank writes to; at
 EOF (the rank is gone) it kills the engine core and its children. stop() ends the watchdog first.
 
-KV events. vLLM's ZMQ publisher binds only endpoints that contain "*" (or "::", ipc, inproc) and
-*connects* to anything else, and offsets the port by the data-parallel rank (0 here). The runtime
-hands out a concrete `tcp://ip:port`, so it is bound as `tcp://*:port`.
+KV events. The runtime hands the engine a private ipc:// endpoint, which vLLM's publisher binds
+(kvfabric/relay.py carries the events on to the head). Given a concrete `tcp://ip:port` instead, it
+would *connect* (vLLM binds only endpoints with "*", "::", ipc or inproc), so such an endpoint is
+bound as `tcp://*:port`; vLLM also offsets the port by the data-parallel rank (0 here).
 
 Every vLLM name that has moved between releases is resolved in the `_compat` section below.
 """

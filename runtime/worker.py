@@ -27,7 +27,10 @@ class Worker:
         self.instance = instance
         self.heartbeat_interval_s = heartbeat_interval_s
         self.head_timeout_s = head_timeout_s
-        self.head_seen: float | None = None   # the silence clock starts at the head's first message
+        # The silence clock starts at the head's first message, or gives up waiting for one after
+        # a startup allowance (a head that died before its first ping must not leave us running).
+        self.head_seen: float | None = None
+        self.first_contact_timeout_s = max(60.0, 10 * head_timeout_s)
         self.ctx = zmq.Context()
         self._zsock = self.ctx.socket(zmq.DEALER)
         self._zsock.setsockopt(zmq.IDENTITY, f"instance-{instance}".encode())
@@ -73,9 +76,15 @@ class Worker:
     # ---- loops ----------------------------------------------------------------------------------
 
     async def _heartbeats(self) -> None:
+        started = time.monotonic()
         while not self.stopping.is_set():
-            if self.head_seen is not None and time.monotonic() - self.head_seen > self.head_timeout_s:
+            now = time.monotonic()
+            if self.head_seen is not None and now - self.head_seen > self.head_timeout_s:
                 log.error("no message from the head for %.0f s; shutting down", self.head_timeout_s)
+                self.stopping.set()
+                return
+            if self.head_seen is None and now - started > self.first_contact_timeout_s:
+                log.error("the head never answered in %.0f s; shutting down", self.first_contact_timeout_s)
                 self.stopping.set()
                 return
             self.sock.send(P.encode(P.Heartbeat(self.instance, self.engine.load())))

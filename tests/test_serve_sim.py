@@ -198,29 +198,43 @@ def test_client_disconnect_aborts(agg):
     pytest.fail("a disconnected stream was not aborted in the engine")
 
 
-def test_control_plane_rejects_strangers(agg):
-    """Another cluster user who finds the head's ZeroMQ port cannot complete a handshake with it."""
+def _handshake_events(endpoint: str, socket_type: int, curve: bool) -> set[int]:
+    """Connect like a stranger would (plain, or CURVE with a guessed server key); the monitor
+    events seen in 1.5 s."""
     import zmq
     from zmq.utils.monitor import recv_monitor_message
     ctx = zmq.Context()
-    for curve in (False, True):
-        s = ctx.socket(zmq.DEALER)
-        if curve:   # CURVE, but with a guessed server key
-            s.curve_serverkey = zmq.curve_keypair()[0]
-            s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
-        mon = s.get_monitor_socket()
-        s.connect(agg.info["control"])
-        events = set()
-        deadline = time.time() + 1.5
-        while time.time() < deadline:
-            if mon.poll(100):
-                events.add(recv_monitor_message(mon)["event"])
-        assert zmq.EVENT_CONNECTED in events, events   # the port is reachable...
-        assert zmq.EVENT_HANDSHAKE_SUCCEEDED not in events, events   # ...but nobody gets in
-        s.disable_monitor()
-        mon.close(linger=0)
-        s.close(linger=0)
+    s = ctx.socket(socket_type)
+    if socket_type == zmq.SUB:
+        s.setsockopt(zmq.SUBSCRIBE, b"")
+    if curve:
+        s.curve_serverkey = zmq.curve_keypair()[0]
+        s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+    mon = s.get_monitor_socket()
+    s.connect(endpoint)
+    events = set()
+    deadline = time.time() + 1.5
+    while time.time() < deadline:
+        if mon.poll(100):
+            events.add(recv_monitor_message(mon)["event"])
+    s.disable_monitor()
+    mon.close(linger=0)
+    s.close(linger=0)
     ctx.term()
+    return events
+
+
+@pytest.mark.parametrize("curve", [False, True])
+def test_strangers_cannot_join_the_control_plane_or_read_kv_events(agg, curve):
+    """Another cluster user who finds the head's ZeroMQ port, or an engine's KV-event port (token
+    ids of prompts), can reach it but cannot complete a handshake."""
+    import zmq
+    targets = [(agg.info["control"], zmq.DEALER)]
+    targets += [(i["kv_events"], zmq.SUB) for i in agg.info["instances"]]
+    for endpoint, kind in targets:
+        events = _handshake_events(endpoint, kind, curve)
+        assert zmq.EVENT_CONNECTED in events, (endpoint, events)              # reachable...
+        assert zmq.EVENT_HANDSHAKE_SUCCEEDED not in events, (endpoint, events)  # ...but closed
     assert metric(agg.metrics(), "slurmserve:instance_up") == 4
 
 
@@ -321,6 +335,25 @@ def test_disaggregated_with_fallback(tiny_model_dir, tmp_path):
     finally:
         assert dep.stop() == 0, dep.output()
         dep.kill()
+
+
+def test_head_failure_ends_the_job(tiny_model_dir, tmp_path):
+    """The router's port is taken: the head says so without a traceback, tells the workers to
+    stop, and `serve` ends promptly with a failure code instead of leaving the workers waiting."""
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        cfg = sim_config(tiny_model_dir, workers=2)
+        dep = LocalDeployment(tmp_path, dict(cfg, router=dict(cfg["router"], port=port)))
+        started = time.time()
+        with pytest.raises(RuntimeError, match="serve exited with 1"):
+            dep.start(timeout=60)
+    assert time.time() - started < 45
+    out = dep.output()
+    assert f"router: cannot listen on 127.0.0.1:{port}" in out
+    assert "Traceback" not in out
+    assert out.count("shutdown requested by the head: the head failed") == 2
+    assert dep.pids() == []
 
 
 def test_rank_count_mismatch_is_clear(tiny_model_dir, tmp_path):
