@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
     from slurmserve.launcher.slurm_cli import register as register_slurm
     register_slurm(sub)
+    from slurmserve.launcher.gateway_cli import register as register_gateway
+    register_gateway(sub)
 
     p = sub.add_parser("model", help="model utilities")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")

@@ -1,0 +1,277 @@
+"""`slurmserve gateway`: one OpenAI endpoint on the login node for all of a user's deployments.
+
+The gateway reads only the `model` field of a request; the body goes to a ready job serving that
+model (the one with the fewest outstanding requests) and the answer, a JSON body or an SSE stream,
+comes back as the bytes the head sent. Jobs come from the registry and Slurm (`gateway_jobs`), the
+connections to the heads are a keep-alive pool per job (`gateway_upstream`).
+
+Security: clients authenticate with the user's gateway key (`<state_dir>/gateway_key`, 0600, made
+on first start; compared in constant time), always, also on 127.0.0.1, which every user of a login
+node can reach. The gateway authenticates to each head with that job's secret from the registry.
+No secret goes into a log line, an error message or a command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from pathlib import Path
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from slurmserve.launcher import registry
+from slurmserve.router.gateway_jobs import Job, JobTable
+from slurmserve.router.gateway_upstream import Conn, UpstreamError
+from slurmserve.router.head import NoDelayHttpProtocol, write_private
+from slurmserve.router.http_app import _JSON, _SSE, HeadApp, _DisconnectWatcher, _read_body, _respond
+from slurmserve.router.metrics import _LATENCY_BUCKETS
+from slurmserve.router.openai_api import APIError, ChunkWriter
+
+log = logging.getLogger("slurmserve.gateway")
+
+_PASS_HEADERS = (b"content-type", b"retry-after", b"cache-control")
+
+
+class _ModelOnly(msgspec.Struct, forbid_unknown_fields=False):
+    model: str
+
+
+_model_decoder = msgspec.json.Decoder(_ModelOnly)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("slurmserve_gateway:requests", "Requests answered, by job and status",
+                                ["job", "model", "status"], registry=r)
+        self.latency = Histogram("slurmserve_gateway:request_latency_seconds",
+                                 "Time from a request's arrival to its last byte, by job",
+                                 ["job", "model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("slurmserve_gateway:upstream_errors",
+                              "Failed exchanges with a head (connect, refused, broke off mid-response)",
+                              ["job", "model", "kind"], registry=r)
+        self.http_errors = Counter("slurmserve_gateway:http_errors", "Requests the gateway itself "
+                                   "answered with an error", ["status"], registry=r)
+        self.queue_depth = Gauge("slurmserve_gateway:queue_depth",
+                                 "Requests waiting for a job of their model to become ready", registry=r)
+        self.job_ready = Gauge("slurmserve_gateway:job_ready", "1 while a job takes requests",
+                               ["job", "model"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class GatewayApp:
+    # The head's ASGI dispatch, lifespan, bearer-key check and /metrics, as they are (they use
+    # `routes`, `open_paths`, `metrics` and `_api_key`, which this class has too).
+    __call__ = HeadApp.__call__
+    _lifespan = HeadApp._lifespan
+    _authorize = HeadApp._authorize
+    prometheus = HeadApp.prometheus
+
+    def __init__(self, jobs: JobTable, metrics: GatewayMetrics, api_key: str):
+        self.jobs = jobs
+        self.metrics = metrics
+        self._api_key = api_key.encode()
+        self.created = int(time.time())
+        self.routes = {
+            ("POST", "/v1/completions"): self.proxy,
+            ("POST", "/v1/chat/completions"): self.proxy,
+            ("GET", "/v1/models"): self.models,
+            ("GET", "/health"): self.health,
+            ("GET", "/metrics"): self.prometheus,
+        }
+        self.open_paths = {"/health"}
+
+    async def models(self, scope, receive, send):
+        data = [{"id": m, "object": "model", "created": self.created, "owned_by": "slurmserve"}
+                for m in self.jobs.ready_models()]
+        await _respond(send, 200, msgspec.json.encode({"object": "list", "data": data}), _JSON)
+
+    async def health(self, scope, receive, send):
+        ready = sum(1 for j in self.jobs.jobs.values() if j.ready)
+        await _respond(send, 200, msgspec.json.encode({"status": "ok", "jobs_ready": ready,
+                                                       "queue_depth": self.jobs.waiting}), _JSON)
+
+    # ---- proxying -------------------------------------------------------------------------------
+
+    async def proxy(self, scope, receive, send):
+        body = await _read_body(receive)
+        try:
+            model = _model_decoder.decode(body).model
+        except msgspec.ValidationError as e:
+            raise APIError(400, str(e).replace("Object missing required field", "missing field"),
+                           param="model") from None
+        except msgspec.DecodeError as e:
+            raise APIError(400, f"request body is not valid JSON: {e}") from None
+        path = scope["raw_path"] or scope["path"].encode()
+        start = time.perf_counter()
+        watcher = _DisconnectWatcher(receive)
+        job = conn = None
+        status = 0
+        try:
+            job, conn = await self._open(model, path, body)
+            status = conn.status
+            if conn.status == 200 and _is_sse(conn.headers):
+                await self._stream(send, job, conn)
+            else:
+                try:
+                    data = await conn.read_all()
+                except UpstreamError as e:
+                    self.metrics.errors.labels(job.job_id, model, "broken").inc()
+                    raise APIError(502, _gone(job, e), type_="server_error") from None
+                headers = [(k, v) for k, v in conn.headers if k in _PASS_HEADERS]
+                headers.append((b"content-length", str(len(data)).encode()))
+                await _respond(send, conn.status, data, headers)
+        except asyncio.CancelledError:
+            if not watcher.fired:
+                raise
+            asyncio.current_task().uncancel()   # the client left; closing the connection aborts it
+            status = 499
+        finally:
+            watcher.cancel()
+            if job is not None:
+                if conn is not None:
+                    conn.release()
+                self.jobs.release(job)
+                if status:
+                    self.metrics.requests.labels(job.job_id, model, str(status)).inc()
+                    self.metrics.latency.labels(job.job_id, model).observe(time.perf_counter() - start)
+
+    async def _open(self, model: str, path: bytes, body: bytes) -> tuple[Job, Conn]:
+        """Send the request to a job serving `model`: another one (or, after waiting, the same) when
+        a head cannot be reached or refuses it unprocessed (503: draining, no engine up)."""
+        deadline = time.monotonic() + self.jobs.queue_timeout_s
+        while True:
+            job = await self.jobs.acquire(model, deadline)
+            upstream = job.upstream
+            try:
+                conn = await upstream.request(b"POST", path, body)
+            except UpstreamError as e:
+                self.jobs.release(job)
+                self.metrics.errors.labels(job.job_id, model, "connect").inc()
+                if not e.retryable:
+                    raise APIError(502, _gone(job, e), type_="server_error") from None
+                self.jobs.suspect(job, str(e))
+                continue
+            if conn.status in (503, 401):
+                kind = "refused" if conn.status == 503 else "auth"
+                self.metrics.errors.labels(job.job_id, model, kind).inc()
+                try:
+                    await conn.read_all()
+                except UpstreamError:
+                    pass
+                conn.release()
+                self.jobs.release(job)
+                self.jobs.suspect(job, f"the head answered {conn.status}")
+                continue
+            return job, conn
+
+    async def _stream(self, send, job: Job, conn: Conn) -> None:
+        """The SSE bytes as they come. Only whole events are forwarded, so when the head goes away
+        mid-stream the client gets a well-formed OpenAI error event and the end of the stream."""
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+        tail = b""
+        while True:
+            while conn.chunks:
+                data = conn.chunks.popleft()
+                if tail:
+                    data, tail = tail + data, b""
+                if not data.endswith(b"\n\n"):
+                    cut = data.rfind(b"\n\n") + 2
+                    data, tail = data[:cut], data[cut:]
+                    if not data:
+                        continue
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            if conn.complete:
+                break
+            if conn.error is not None:
+                self.metrics.errors.labels(job.job_id, job.model or "", "broken").inc()
+                err = APIError(502, _gone(job, conn.error), type_="server_error")
+                await send({"type": "http.response.body", "body": ChunkWriter.error(err) + ChunkWriter.DONE,
+                            "more_body": True})
+                break
+            await conn.wait()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _is_sse(headers) -> bool:
+    return any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+
+
+def _gone(job: Job, e: Exception) -> str:
+    return f"job {job.job_id} serving `{job.model}`: {e}; the request did not complete"
+
+
+# ---- the key, the server, the command -------------------------------------------------------------
+
+def key_path() -> Path:
+    return registry.state_dir() / "gateway_key"
+
+
+def load_or_create_key(path: Path | None = None) -> tuple[str, Path]:
+    """The user's gateway key: read, or generated into a 0600 file in the 0700 state dir."""
+    path = path or key_path()
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        key = ""
+    if not key:
+        registry.jobs_dir()                    # the state dir, 0700
+        key = "sk-gw-" + secrets.token_urlsafe(32)
+        write_private(path, key + "\n")
+    elif path.stat().st_mode & 0o077:
+        raise SystemExit(f"slurmserve gateway: {path} is readable by other users; chmod 600 it")
+    return key, path
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+async def serve(args) -> int:
+    if not _loopback(args.host):
+        log.warning("listening on %s, beyond this machine: only clients with the gateway key get in",
+                    args.host)
+    key, kpath = load_or_create_key(args.api_key_file)
+    metrics = GatewayMetrics()
+    jobs = JobTable(queue_timeout_s=args.queue_timeout, poll_s=args.poll_interval,
+                    on_demand=args.launch_on_demand, idle_stop_s=args.idle_stop, metrics=metrics)
+    await jobs.start()
+    app = GatewayApp(jobs, metrics, key)
+    try:
+        listener = socket.create_server((args.host, args.port), backlog=2048)
+    except OSError as e:
+        raise SystemExit(f"slurmserve gateway: cannot listen on {args.host}:{args.port}: {e.strerror}")
+    import uvicorn
+    host, port = listener.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(
+        app, loop="none", http=NoDelayHttpProtocol, lifespan="off", access_log=False,
+        log_level="warning", timeout_keep_alive=30, backlog=2048))
+    server.install_signal_handlers = lambda: None
+    task = asyncio.create_task(server.serve(sockets=[listener]))
+    url = f"http://{host}:{port}/v1"
+    write_private(registry.state_dir() / "gateway.json",
+                  json.dumps({"url": url, "pid": os.getpid(), "api_key_file": str(kpath)}, indent=2) + "\n")
+    log.info("gateway at %s for %d job(s) in %s; API key in %s", url, len(jobs.jobs),
+             registry.jobs_dir(create=False), kpath)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.should_exit = True
+    await jobs.close()
+    await task
+    return 0
