@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
     from slurmserve.launcher.slurm_cli import register as register_slurm
     register_slurm(sub)
+    from slurmserve.launcher.batch_cli import register as register_batch
+    register_batch(sub)
     from slurmserve.launcher.gateway_cli import register as register_gateway
     register_gateway(sub)
 

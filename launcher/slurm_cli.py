@@ -198,6 +198,16 @@ def _opts_from_args(args) -> dict:
 def _prepare(args):
     from slurmserve.config import load_config
     from slurmserve.launcher.slurm_config import options_from
+    if getattr(args, "batch", None):      # a batch run: its files travel as --set overrides
+        from slurmserve.launcher.batch_cli import batch_overrides
+        from slurmserve.launcher.batch_files import BatchError
+        if not args.batch_output:
+            raise SlurmError("--batch needs --batch-output OUT.jsonl")
+        try:
+            args.overrides = list(args.overrides) + batch_overrides(
+                args.batch, args.batch_output, args.batch_errors, args.shard, args.ordered)
+        except BatchError as e:
+            raise SlurmError(str(e)) from None
     cfg = load_config(args.config, args.overrides)
     site = load_site(args.site)
     opts = options_from(_opts_from_args(args), "command line")
@@ -338,6 +348,12 @@ def _slurm_option_args(p: argparse.ArgumentParser) -> None:
                    help="on the preemption warning, drain and requeue the job (else drain and exit)")
     g.add_argument("--site", metavar="FILE", help="site file (default: $SLURMSERVE_SITE or "
                                                   "~/.config/slurmserve/site.yaml)")
+    g = p.add_argument_group("offline batch (`slurmserve batch` as a job; requeued jobs resume)")
+    g.add_argument("--batch", metavar="IN.jsonl", help="run this OpenAI batch file, then exit")
+    g.add_argument("--batch-output", metavar="OUT.jsonl", help="its answers (required with --batch)")
+    g.add_argument("--batch-errors", metavar="ERR.jsonl", help="its error records (default: OUT)")
+    g.add_argument("--shard", metavar="I/N", help="default: from the job array (sbatch --array=0-N-1)")
+    g.add_argument("--ordered", action="store_true", help="records in input order")
 
 
 def register(subparsers) -> None:

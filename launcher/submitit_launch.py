@@ -238,4 +238,15 @@ def _time_of(executor) -> str | None:
     return format_time(int(minutes) * 60) if isinstance(minutes, (int, float)) else minutes
 
 
-__all__ = ["Deployment", "ServeRanks", "launch"]
+__all__ = ["Deployment", "ServeRanks", "launch", "launch_batch"]
+
+
+def launch_batch(config: Any, executor, input: str | os.PathLike, output: str | os.PathLike, *,
+                 errors: str | os.PathLike | None = None, shard: str | None = None, ordered: bool = False,
+                 overrides: list[str] = (), **kwargs: Any) -> Deployment:
+    """`launch` for an offline batch run (`slurmserve batch` as a submitit job): the deployment sends
+    `input` through its API into `output` and exits; after a preemption the requeued job resumes.
+    `deployment.job.wait()` waits for the end; the summary is next to the output (`*.summary.json`)."""
+    from slurmserve.launcher.batch_cli import batch_overrides
+    sets = batch_overrides(input, output, errors, shard, ordered)
+    return launch(config, executor, overrides=[*overrides, *sets], **kwargs)

@@ -168,11 +168,17 @@ class Head:
             ready_task = asyncio.create_task(reg.watch_ready(client.all_ready))
         log.info("serving %s at http://%s:%d/v1 (%d engine instances)", cfg.model.served_name, host,
                  port, len(instances))
+        batch = None
+        if cfg.batch is not None:   # `slurmserve batch`: run the file through `app`, then shut down
+            from slurmserve.router.batch_driver import BatchDriver
+            batch = asyncio.create_task(BatchDriver(cfg, app, api_key, metrics.registry, client.all_ready)
+                                        .run(stop, lambda: drain["grace"]))
         await stop.wait()
         if ready_task is not None:
             ready_task.cancel()
         if reg is not None:
             reg.draining(drain["signal"])
+        code = await batch if batch is not None else 0   # in-flight lines finish within the grace
 
         app.draining = True
         deadline = time.monotonic() + drain["grace"]
@@ -185,4 +191,4 @@ class Head:
         self.zctx.term()
         if reg is not None:   # exited, or requeued after a preemption warning when the job asks
             reg.finished(preempted=drain["signal"] == signal.SIGUSR2)
-        return 0
+        return code

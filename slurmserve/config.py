@@ -106,6 +106,25 @@ class RuntimeConfig(_Strict):
     shutdown_grace_s: float = Field(5.0, ge=0)
 
 
+class BatchConfig(_Strict):
+    """Offline batch generation (`slurmserve batch`): the head sends every line of `input` through
+    its own OpenAI handlers, appends the answers to `output`, and the deployment exits when done."""
+
+    input: Path = Field(description="OpenAI batch input, JSONL: {custom_id, method, url, body}.")
+    output: Path = Field(description="Answers (and errors, unless `errors` is set); resumed if present.")
+    errors: Path | None = Field(None, description="Error records go here instead of `output`.")
+    shard: str | None = Field(None, pattern=r"^\d+/\d+$", description="i/n: this run does input lines "
+                              "L with (L-1) mod n == i; default from SLURM_ARRAY_TASK_ID/_COUNT.")
+    ordered: bool = Field(False, description="Write records in input order.")
+    max_inflight: int | None = Field(None, gt=0, description="Requests in flight; default: 2x the "
+                                     "engines' batch capacity (sum of max_num_seqs).")
+    checkpoint_records: int = Field(256, gt=0, description="Append + fsync after this many records...")
+    checkpoint_interval_s: float = Field(1.0, gt=0, description="... or this long, whichever first.")
+    progress_interval_s: float = Field(10.0, gt=0, description="Progress log line period (no TTY).")
+    retries: int = Field(3, ge=0, description="Retries of a request the deployment could not take "
+                                              "(429/5xx) before it is left for the next run.")
+
+
 class DeploymentConfig(_Strict):
     model: ModelConfig
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -116,6 +135,7 @@ class DeploymentConfig(_Strict):
         None, description="File holding the API key clients must send; generated 0600 when absent.")
     log_dir: Path = Field(Path("runs/latest"), description="Per-rank logs and the generated API key.")
     slurm: SlurmOptions | None = Field(None, description="Slurm layout for `slurmserve sbatch|submit`.")
+    batch: BatchConfig | None = Field(None, description="Run a batch file, then exit (`slurmserve batch`).")
 
     @property
     def world_size(self) -> int:
@@ -205,6 +225,10 @@ def _resolve_paths(cfg: DeploymentConfig, base: Path) -> DeploymentConfig:
     cfg.log_dir = fix(cfg.log_dir)
     if cfg.api_key_file is not None:
         cfg.api_key_file = fix(cfg.api_key_file)
+    if cfg.batch is not None:
+        cfg.batch.input, cfg.batch.output = fix(cfg.batch.input), fix(cfg.batch.output)
+        if cfg.batch.errors is not None:
+            cfg.batch.errors = fix(cfg.batch.errors)
     return cfg
 
 
