@@ -190,8 +190,8 @@ class HeadApp:
             n_out += len(delta.token_ids)
             piece, stopped = text.feed(delta.token_ids)
             parts.append(piece)
-            if delta.finish_reason == "error":
-                raise APIError(503, delta.error or "engine failed", type_="server_error")
+            if delta.finish_reason == "error" or self._cut_by_shutdown(delta):
+                raise APIError(503, self._failure(delta), type_="server_error")
             if stopped:
                 finish = "stop"
                 break
@@ -218,9 +218,8 @@ class HeadApp:
             while True:
                 n_out += len(delta.token_ids)
                 piece, stopped = text.feed(delta.token_ids)
-                if delta.finish_reason == "error":
-                    await _chunk(send, out.error(APIError(503, delta.error or "engine failed",
-                                                          type_="server_error")))
+                if delta.finish_reason == "error" or self._cut_by_shutdown(delta):
+                    await _chunk(send, out.error(APIError(503, self._failure(delta), type_="server_error")))
                     finish = "error"
                     break
                 if stopped:
@@ -243,6 +242,19 @@ class HeadApp:
             if finish is not None:
                 self._count(finish, n_prompt, n_out, first.num_cached_tokens)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    def _cut_by_shutdown(delta) -> bool:
+        """An abort that reaches a client still being answered came from the engine's side (its rank
+        got SIGTERM: scancel, the time limit): the request did not finish, so the client gets an
+        error, not a short answer that looks complete. (A client that left is not answered.)"""
+        return delta.finish_reason == "abort"
+
+    @staticmethod
+    def _failure(delta) -> str:
+        if delta.finish_reason == "abort":
+            return "the engine stopped before the request completed (the deployment is shutting down)"
+        return delta.error or "engine failed"
 
     def _count(self, finish: str | None, n_prompt: int, n_out: int, n_cached: int) -> None:
         m = self.metrics
