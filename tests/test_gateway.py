@@ -1,7 +1,7 @@
 """The login-node gateway (`slurmserve gateway`) on the test cluster: real Slurm jobs (simulated
 engines on the tiny model), a real gateway process, the openai client.
 
-One gateway and two deployments (`tiny-a`, `tiny-b`) serve the whole module; `tiny-c` is launched on
+One gateway and three deployments (`tiny-a` twice, `tiny-b`) serve the whole module; `tiny-c` is launched on
 demand by the first request for it and stopped again when idle; `tiny-d`'s on-demand config asks for
 a partition that does not exist. A second unix user, created here, tries to get at all of it.
 """
@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -34,17 +35,17 @@ pytestmark = pytest.mark.slurm
 OTHER_USER = "ssgwother"
 
 
-def _config(model_dir: Path, home: Path, name: str, speedup: float, **extra) -> Path:
+def _config(model_dir: Path, home: Path, name: str, speedup: float, tag: str = "", **extra) -> Path:
     data = {
         "model": {"path": str(model_dir), "name": name, "max_model_len": 512},
         "engine": {"kind": "sim", "sim": {"speedup": speedup, "num_kv_blocks": 256, "block_size": 16}},
         "pools": {"workers": 1},
         "router": {"port": 0},
         "runtime": {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 1.5, "shutdown_grace_s": 5},
-        "log_dir": str(home / f"logs-{name}"),
+        "log_dir": str(home / f"logs-{name}{tag}"),
         **extra,
     }
-    path = home / f"{name}.yaml"
+    path = home / f"{name}{tag}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -115,7 +116,7 @@ class Gateway:
 
 @pytest.fixture(scope="module")
 def gw(tiny_model_dir):
-    """Two jobs (tiny-a, tiny-b) and the gateway, in a registry of this module's own."""
+    """Three jobs (tiny-a twice, tiny-b) and the gateway, in a registry of this module's own."""
     r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
     assert r.returncode == 0 and any(s in r.stdout for s in ("idle", "mix")), \
         f"the test cluster is not up (tests/cluster/start.sh): {r.stderr}"
@@ -129,14 +130,15 @@ def gw(tiny_model_dir):
     state = home / "state"
     mp = pytest.MonkeyPatch()
     mp.setenv("SLURMSERVE_STATE_DIR", str(state))
-    cfg_a = _config(model_dir, home, "tiny-a", speedup=20.0)
+    cfg_a = _config(model_dir, home, "tiny-a", speedup=1.0)
+    cfg_a2 = _config(model_dir, home, "tiny-a", speedup=1.0, tag="-2")
     cfg_b = _config(model_dir, home, "tiny-b", speedup=1.0)
     cfg_c = _config(model_dir, home, "tiny-c", speedup=20.0)
     cfg_d = _config(model_dir, home, "tiny-d", speedup=20.0, slurm={"partition": "nosuchpartition"})
     jobs = {}
     gateway = None
     try:
-        for name, cfg in (("tiny-a", cfg_a), ("tiny-b", cfg_b)):
+        for name, cfg in (("tiny-a", cfg_a), ("tiny-a-2", cfg_a2), ("tiny-b", cfg_b)):
             r = _cli("submit", str(cfg), "--time", "15")
             assert r.returncode == 0, r.stderr
             jobs[name] = r.stdout.strip()
@@ -182,14 +184,76 @@ def test_routes_by_model_and_lists_the_union(gw):
     status, text = gw.get("/metrics", gw.key)
     assert status == 200
     text = text.decode()
-    a, b = gw.jobs["tiny-a"], gw.jobs["tiny-b"]
-    assert metric_value(text, "slurmserve_gateway:requests_total", job=a, model="tiny-a", status="200") == 2
+    b = gw.jobs["tiny-b"]
+    assert metric_value(text, "slurmserve_gateway:requests_total", model="tiny-a", status="200") == 2
     assert metric_value(text, "slurmserve_gateway:requests_total", job=b, model="tiny-b", status="200") == 1
-    assert metric_value(text, "slurmserve_gateway:request_latency_seconds_count", job=a) == 2
+    assert metric_value(text, "slurmserve_gateway:request_latency_seconds_count", model="tiny-a") == 2
     assert metric_value(text, "slurmserve_gateway:job_ready", job=b) == 1
     assert "slurmserve_gateway:queue_depth 0.0" in text
     status, body = gw.get("/health")
-    assert status == 200 and json.loads(body)["jobs_ready"] == 2
+    assert status == 200 and json.loads(body)["jobs_ready"] == 3
+
+
+def _streams(c: OpenAI, n: int, max_tokens: int, started: threading.Barrier | None = None) -> tuple[list, list]:
+    """n concurrent streamed tiny-a requests in threads; each result is its finish reason or its error."""
+    results: list = [None] * n
+
+    def go(i):
+        count, finish = 0, None
+        try:
+            for ch in c.completions.create(model="tiny-a", prompt=f"story {i}", max_tokens=max_tokens,
+                                           stream=True, extra_body={"ignore_eos": True}):
+                count += 1
+                finish = ch.choices[0].finish_reason if ch.choices else finish
+                if count == 1 and started is not None:
+                    started.wait(60)
+            results[i] = finish
+        except Exception as e:           # noqa: BLE001 - asserted on by the caller
+            results[i] = e
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def test_jobs_of_one_model_share_by_outstanding_requests(gw):
+    """Four concurrent streams for tiny-a: two on each of its jobs (each stream takes > 1 s)."""
+    a, a2 = gw.jobs["tiny-a"], gw.jobs["tiny-a-2"]
+    text = gw.get("/metrics", gw.key)[1].decode()
+    before = [metric_value(text, "slurmserve_gateway:requests_total", job=j, status="200") for j in (a, a2)]
+    threads, results = _streams(gw.client(), 4, 200)
+    for t in threads:
+        t.join(120)
+    assert results == ["length"] * 4, results
+    text = gw.get("/metrics", gw.key)[1].decode()
+    after = [metric_value(text, "slurmserve_gateway:requests_total", job=j, status="200") for j in (a, a2)]
+    assert [x - y for x, y in zip(after, before)] == [2, 2]
+
+
+def test_head_killed_mid_stream_ends_its_stream_with_an_error_event(gw):
+    """SIGKILL to the head of one tiny-a job while two streams run, one on each job: the head
+    sends nothing more, so the gateway ends that stream with an OpenAI error event; the other stream
+    and new requests are served by the other job."""
+    a, a2 = gw.jobs["tiny-a"], gw.jobs["tiny-a-2"]
+    started = threading.Barrier(3)
+    threads, results = _streams(gw.client(timeout=60), 2, 400, started)
+    started.wait(60)                      # both streams have their first chunk
+    head_pid = json.loads((gw.home / "logs-tiny-a-2" / "endpoint.json").read_text())["pid"]
+    os.kill(head_pid, signal.SIGKILL)      # the test cluster's nodes are this host: a node failure
+    for t in threads:
+        t.join(90)
+    assert not any(t.is_alive() for t in threads), "a stream hangs"
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert len(errors) == 1 and "length" in results, results
+    assert isinstance(errors[0], openai.APIError) and not isinstance(errors[0], openai.APIConnectionError)
+    assert f"job {a2} serving `tiny-a`" in str(errors[0]) and "middle of the response" in str(errors[0])
+    r = gw.client().completions.create(model="tiny-a", prompt="next", max_tokens=3, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+    subprocess.run(["scancel", a2], check=True)
+    _until(lambda: _squeue_state(a2) in ("", "FAILED", "CANCELLED", "COMPLETED"), 60, f"job {a2} ends")
+    text = gw.get("/metrics", gw.key)[1].decode()
+    assert metric_value(text, "slurmserve_gateway:upstream_errors_total", job=a2, kind="broken") == 1
+    assert metric_value(text, "slurmserve_gateway:requests_total", job=a, status="200") >= 3
 
 
 def test_wrong_or_missing_key_gets_401(gw):
