@@ -11,12 +11,13 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
 
 from slurmserve.router.metrics import HeadMetrics
-from slurmserve.router.policies import Policy
+from slurmserve.router.policies import Policy, Route
 from slurmserve.runtime import protocol as P
 from slurmserve.runtime.zmq_loop import LoopSocket
 
@@ -41,6 +42,10 @@ class Instance:
     kv_usage: float = 0.0
     num_kv_blocks: int = 0
     block_size: int = 0
+    # The head's own load account between heartbeats (see Orchestrator): KV blocks still to
+    # prefill, and KV blocks held, by requests routed here.
+    prefill_blocks: int = 0
+    decode_blocks: int = 0
     streams: dict[str, DeltaStream] = field(default_factory=dict)
 
     @property
@@ -98,7 +103,8 @@ def _merge(first: P.Delta, rest: deque[P.Delta]) -> P.Delta:
 
 class EngineClient:
     def __init__(self, sock: zmq.Socket, instances: list[Instance], policies: dict[str, Policy],
-                 metrics: HeadMetrics, heartbeat_timeout_s: float):
+                 metrics: HeadMetrics, heartbeat_timeout_s: float,
+                 on_instance_down: Callable[[int], None] = lambda index: None):
         self._zsock = sock
         self.sock: LoopSocket | None = None
         self.instances = instances
@@ -106,6 +112,7 @@ class EngineClient:
         self.policies = policies
         self.metrics = metrics
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.on_instance_down = on_instance_down
         self.streams: dict[str, DeltaStream] = {}
         self._tasks: list[asyncio.Task] = []
         self.closing = False
@@ -139,11 +146,12 @@ class EngineClient:
             return False
         return all(self.pool(role) for role in {i.role for i in self.instances})
 
-    def choose(self, role: str, prompt_token_ids: list[int]) -> Instance:
+    def choose(self, role: str, route: Route) -> Instance:
         live = self.pool(role)
         if not live:
             raise NoInstanceError(f"no {role} instance is available")
-        return self.policies[role].choose(live, prompt_token_ids)
+        route.overlap_blocks = 0   # a policy that knows better sets it
+        return self.policies[role].choose(live, route)
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -217,7 +225,9 @@ class EngineClient:
             return
         log.log(logging.INFO if self.closing else logging.WARNING, "%s; taking it out of rotation", reason)
         inst.up = False
+        inst.prefill_blocks = inst.decode_blocks = 0
         self.metrics.instance_up.labels(inst.index, inst.role).set(0)
+        self.on_instance_down(inst.index)   # its cache is gone with it
         failed, inst.streams = inst.streams, {}
         for req_id, stream in failed.items():
             self.streams.pop(req_id, None)

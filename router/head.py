@@ -22,12 +22,13 @@ import zmq
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from slurmserve.config import DeploymentConfig
+from slurmserve.kvfabric.kv_index import ApproxKVIndex
 from slurmserve.router.engine_client import EngineClient, Instance
 from slurmserve.router.http_app import HeadApp
 from slurmserve.router.kv_state import KVState
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.orchestrator import Orchestrator
-from slurmserve.router.policies import make_policy
+from slurmserve.router.policies import PrefixHasher, make_policies
 from slurmserve.router.tokenizer import Tokenizer
 from slurmserve.launcher.registry import HeadRegistration
 from slurmserve.runtime.bootstrap import World
@@ -103,27 +104,31 @@ class Head:
         metrics = HeadMetrics(cfg.model.served_name)
         instances = [Instance(index=i, role=role, identity=f"instance-{i}".encode(), address=r.address)
                      for i, (role, r) in enumerate(zip(cfg.pools.instances(), world.instance_leaders(cfg)))]
-        roles = {i.role for i in instances}
-        client = EngineClient(self.sock, instances, {r: make_policy(cfg.router.policy) for r in roles},
-                              metrics, cfg.runtime.heartbeat_timeout_s)
+        kv = cfg.router.kv
+        kv_state = KVState(metrics, ApproxKVIndex(kv.approx_ttl_s) if kv.index == "approximate" else None)
+        policies = make_policies(cfg.router.policy, {i.role for i in instances}, kv_state.index, kv)
+        client = EngineClient(self.sock, instances, policies, metrics, cfg.runtime.heartbeat_timeout_s,
+                              on_instance_down=kv_state.forget)
         client.start()
         try:
-            return await self._serve(world, tokenizer, metrics, instances, client)
+            return await self._serve(world, tokenizer, metrics, instances, client, kv_state)
         except Exception as e:
             # Tell the workers, or they would wait for a head that is gone (rank_main ends the job).
             await client.close(f"the head failed: {e}", grace_s=2.0)
             raise
 
     async def _serve(self, world: World, tokenizer: Tokenizer, metrics: HeadMetrics,
-                     instances: list[Instance], client: EngineClient) -> int:
+                     instances: list[Instance], client: EngineClient, kv_state: KVState) -> int:
         cfg = self.cfg
         api_key = load_api_key(cfg)
-        kv_state = KVState(metrics)
         for inst, leader in zip(instances, world.instance_leaders(cfg)):
             if leader.endpoints.get("kv_events"):
                 key = leader.endpoints.get("kv_events_key")
                 kv_state.watch(inst.index, leader.endpoints["kv_events"], key.encode() if key else None)
-        app = HeadApp(orchestrator=Orchestrator(client, metrics, cfg.pools.disaggregated),
+        hasher = PrefixHasher(algo=str(cfg.engine.args.get("prefix_caching_hash_algo", "sha256")))
+        orchestrator = Orchestrator(client, metrics, cfg.pools.disaggregated, kv_state.index, hasher,
+                                    cfg.router.disagg, cfg.router.kv.busy_threshold)
+        app = HeadApp(orchestrator=orchestrator,
                       tokenizer=tokenizer, metrics=metrics, model_name=cfg.model.served_name,
                       max_model_len=cfg.model.max_model_len, api_key=api_key,
                       max_concurrent=cfg.router.max_concurrent_requests)

@@ -1,7 +1,8 @@
 """What the head knows about every engine's KV cache, fed by the engines' KV events.
 
-Today it counts events and tracks which instances' cache state is trustworthy; the fleet KV index
-(KV-aware routing) consumes the same stream.
+It counts events, tracks which instances' cache state is trustworthy, and keeps the fleet KV index
+that the `kv` policy and the disaggregation decision read: fed by these events, or, in approximate
+mode, by the router's own decisions (then events are only counted).
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ import logging
 from typing import Any
 
 from slurmserve.kvfabric.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSubscriber
+from slurmserve.kvfabric.kv_index import ApproxKVIndex, KVIndex
 from slurmserve.router.metrics import HeadMetrics
 
 log = logging.getLogger(__name__)
 
 
 class KVState:
-    def __init__(self, metrics: HeadMetrics):
+    def __init__(self, metrics: HeadMetrics, index: KVIndex | ApproxKVIndex | None = None):
         self.metrics = metrics
+        self.index = KVIndex() if index is None else index
+        self._from_events = type(self.index) is KVIndex
         self._count: dict[tuple[int, type], Any] = {}   # (instance, event class) -> counter child
         self.unknown: set[int] = set()   # instances whose cache state we may have missed events of
         self.subscriber = KVEventSubscriber(self.on_batch, self.on_gap)
@@ -28,6 +32,8 @@ class KVState:
         self.subscriber.add(instance, endpoint, server_key)
 
     def on_batch(self, instance: int, seq: int, events: list) -> None:
+        if self._from_events:
+            self.index.apply(instance, events)
         count = self._count
         for ev in events:
             counter = count.get((instance, type(ev)))
@@ -46,6 +52,12 @@ class KVState:
                         instance, expected, got)
         self.unknown.add(instance)
         self.metrics.kv_event_gaps.labels(instance).inc()
+        if self._from_events:   # stale entries would attract requests to blocks long evicted
+            self.index.forget(instance)
+
+    def forget(self, instance: int) -> None:
+        """The instance is gone, and its cache with it."""
+        self.index.forget(instance)
 
     async def close(self) -> None:
         await self.subscriber.aclose()

@@ -3,6 +3,14 @@
 Disaggregated requests first run a prefill-only leg (max_tokens=1, `do_remote_decode`) and hand the
 `kv_transfer_params` it returns, untouched, to a decode instance. Any failure of the prefill leg
 falls back to prefilling on the decode instance, so the client still gets a normal answer.
+
+Remote prefill is conditional: the decode instance (chosen first, by load) prefills locally when
+the prompt's part it does not cache is short, or a small fraction of the prompt, or when the prefill
+pool is saturated, since then the transfer costs more than it saves.
+
+Between heartbeats the head keeps its own account of each instance's load: a request's uncached
+prompt blocks count as pending prefill until its first token, and its prompt blocks as held KV
+until it finishes. The `kv` policy reads both.
 """
 
 from __future__ import annotations
@@ -13,8 +21,10 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from slurmserve.router.engine_client import EngineClient, NoInstanceError
+from slurmserve.config import DisaggConfig
+from slurmserve.router.engine_client import EngineClient, Instance, NoInstanceError
 from slurmserve.router.metrics import HeadMetrics
+from slurmserve.router.policies import PrefixHasher, Route, kv_usage_estimate
 from slurmserve.runtime import protocol as P
 
 log = logging.getLogger(__name__)
@@ -25,10 +35,15 @@ REMOTE_DECODE = {"do_remote_decode": True, "do_remote_prefill": False, "remote_e
 
 class Orchestrator:
     def __init__(self, client: EngineClient, metrics: HeadMetrics, disaggregated: bool,
-                 prefill_timeout_s: float = 30.0):
+                 kv_index=None, hasher: PrefixHasher | None = None, disagg: DisaggConfig | None = None,
+                 busy_threshold: float = 0.95, prefill_timeout_s: float = 30.0):
         self.client = client
         self.metrics = metrics
         self.disaggregated = disaggregated
+        self.kv_index = kv_index              # fleet KV index (kvfabric.kv_index), if any
+        self.hasher = hasher
+        self.disagg = disagg or DisaggConfig()
+        self.busy_threshold = busy_threshold
         self.prefill_timeout_s = prefill_timeout_s
 
     def ready(self) -> bool:
@@ -37,25 +52,68 @@ class Orchestrator:
     async def generate(self, req_id: str, prompt: list[int], params: P.SamplingParams
                        ) -> AsyncIterator[P.Delta]:
         """Deltas of the request; raises NoInstanceError before the first one if no engine can take it."""
+        route = Route(prompt, self.hasher)
         kv_params = None
         if self.disaggregated:
-            kv_params = await self._prefill(req_id, prompt, params)
-        role = "decode" if self.disaggregated else "worker"
-        stream = self.client.submit(self.client.choose(role, prompt), req_id, prompt, params, kv_params)
+            inst = self.client.choose("decode", route)
+            uncached = self._uncached_blocks(route, inst)
+            if self._remote_prefill_pays(route, inst, uncached):
+                kv_params = await self._prefill(req_id, prompt, params, route)
+        else:
+            inst = self.client.choose("worker", route)
+            uncached = route.prompt_blocks(inst.block_size) - route.overlap_blocks
+        if kv_params is not None:
+            uncached = 0     # the decode instance only pulls KV; it computes nothing
+        held = route.prompt_blocks(inst.block_size)
+        inst.prefill_blocks += uncached
+        inst.decode_blocks += held
+        stream = self.client.submit(inst, req_id, prompt, params, kv_params)
+        prefilling = True
         try:
             async for delta in stream:
+                if prefilling:
+                    prefilling = False
+                    inst.prefill_blocks -= uncached
                 yield delta
         finally:
+            if prefilling:
+                inst.prefill_blocks -= uncached
+            inst.decode_blocks -= held
             self.client.release(stream)
 
-    async def _prefill(self, req_id: str, prompt: list[int], params: P.SamplingParams) -> dict | None:
+    def _uncached_blocks(self, route: Route, inst: Instance) -> int:
+        """Prompt blocks `inst` would have to compute itself, by the fleet KV index."""
+        blocks = route.prompt_blocks(inst.block_size)
+        if self.kv_index is None or not inst.block_size:
+            return blocks
+        return blocks - self.kv_index.overlap(route.hashes(inst.block_size), [inst.index])[inst.index]
+
+    def _remote_prefill_pays(self, route: Route, decode: Instance, uncached_blocks: int) -> bool:
+        tokens = len(route.prompt_token_ids)
+        uncached = min(tokens, uncached_blocks * decode.block_size) if decode.block_size else tokens
+        if uncached < self.disagg.min_uncached_tokens:
+            reason = "local_below_min_tokens"
+        elif uncached < self.disagg.min_uncached_fraction * tokens:
+            reason = "local_below_min_fraction"
+        elif (prefill := self.client.pool("prefill")) and \
+                all(kv_usage_estimate(i) >= self.busy_threshold for i in prefill):
+            reason = "local_prefill_busy"
+        else:
+            return True
+        self.metrics.disagg.labels(reason).inc()
+        return False
+
+    async def _prefill(self, req_id: str, prompt: list[int], params: P.SamplingParams,
+                       route: Route) -> dict | None:
         """Run the prefill leg; the decode leg's kv_transfer_params, or None to prefill locally."""
         try:
-            inst = self.client.choose("prefill", prompt)
+            inst = self.client.choose("prefill", route)
         except NoInstanceError:
             self.metrics.disagg.labels("fallback_no_prefill_instance").inc()
             return None
         leg = msgspec.structs.replace(params, max_tokens=1, min_tokens=0)
+        uncached = route.prompt_blocks(inst.block_size) - route.overlap_blocks
+        inst.prefill_blocks += uncached
         stream = self.client.submit(inst, f"{req_id}-prefill", prompt, leg, dict(REMOTE_DECODE))
         last = None
         try:
@@ -67,6 +125,7 @@ class Orchestrator:
             log.warning("prefill of %s on instance %d timed out; prefilling on decode", req_id, inst.index)
             return None
         finally:
+            inst.prefill_blocks -= uncached
             self.client.release(stream)
         if last is None or last.finish_reason in ("error", "abort") or not last.kv_transfer_params:
             self.metrics.disagg.labels("fallback_prefill_failed").inc()

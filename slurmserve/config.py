@@ -87,12 +87,36 @@ class PoolsConfig(_Strict):
         return ["worker"] * self.workers
 
 
+class KVRoutingConfig(_Strict):
+    """The `kv` policy (router/policies.py KVAware explains the cost)."""
+
+    index: Literal["events", "approximate"] = Field(
+        "events", description="Fleet KV index fed by the engines' KV events, or (approximate) by the "
+                              "router's own decisions, for engines that publish none.")
+    approx_ttl_s: float = Field(120.0, gt=0, description="Approximate mode: how long a routed prefix "
+                                                         "is assumed cached.")
+    prefill_load_scale: float = Field(1.0, ge=0, description="Weight of queued prefill work in the cost.")
+    busy_threshold: float = Field(0.95, gt=0, le=1, description="KV usage at which an instance is "
+                                                                "passed over while another is free.")
+    temperature: float = Field(0.0, ge=0, description="0: lowest cost wins; >0: softmax sampling.")
+
+
+class DisaggConfig(_Strict):
+    """When a disaggregated deployment sends a prompt to the prefill pool rather than letting the
+    decode instance prefill it: only when enough of it is not cached there already."""
+
+    min_uncached_tokens: int = Field(2048, ge=0)
+    min_uncached_fraction: float = Field(0.3, ge=0, le=1)
+
+
 class RouterConfig(_Strict):
     host: str | None = Field(
         None, description="HTTP bind address. Unset: the address the runtime chose for the job, i.e. "
                           "loopback when every rank is on one host, else the job's interface.")
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
-    policy: Literal["round_robin", "least_loaded"] = "round_robin"
+    policy: Literal["round_robin", "least_loaded", "kv"] = "round_robin"
+    kv: KVRoutingConfig = Field(default_factory=KVRoutingConfig)
+    disagg: DisaggConfig = Field(default_factory=DisaggConfig)
     request_timeout_s: float = Field(600.0, gt=0)
     max_concurrent_requests: int = Field(4096, gt=0)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import random
 import signal
 import time
 
@@ -307,7 +308,9 @@ def test_shutdown_leaves_no_process(tiny_model_dir, tmp_path):
 # ---- disaggregated ------------------------------------------------------------------------------
 
 def test_disaggregated_with_fallback(tiny_model_dir, tmp_path):
-    dep = LocalDeployment(tmp_path, sim_config(tiny_model_dir, prefill=1, decode=1)).start()
+    cfg = sim_config(tiny_model_dir, prefill=1, decode=1)
+    cfg["router"]["disagg"] = {"min_uncached_tokens": 0, "min_uncached_fraction": 0.0}   # always remote
+    dep = LocalDeployment(tmp_path, cfg).start()
     try:
         c = dep.client()
         msgs = [{"role": "user", "content": "paris is the capital . " * 8}]
@@ -354,6 +357,68 @@ def test_head_failure_ends_the_job(tiny_model_dir, tmp_path):
     assert "Traceback" not in out
     assert out.count("shutdown requested by the head: the head failed") == 2
     assert dep.pids() == []
+
+
+# ---- KV-aware routing ---------------------------------------------------------------------------
+
+def random_tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 500) for _ in range(n)]   # the tiny model's vocabulary is 512
+
+
+def test_kv_policy_follows_cached_prefixes_and_spreads_load(tiny_model_dir, tmp_path):
+    cfg = sim_config(tiny_model_dir)
+    cfg["router"]["policy"] = "kv"
+    dep = LocalDeployment(tmp_path, cfg).start()
+    try:
+        c = dep.client()
+
+        def cached(prompt):
+            return c.completions.create(model=MODEL, prompt=prompt, max_tokens=2, extra_body={
+                "ignore_eos": True}).usage.prompt_tokens_details.cached_tokens
+
+        # every repeat of a prompt lands where its prefix is cached (round robin: 1 in 4)
+        prefixes = [random_tokens(160, seed=p) for p in range(4)]
+        for p in prefixes:
+            assert cached(p) == 0
+        assert [cached(p + [7, 8]) for p in prefixes for _ in range(3)] == [160] * 12
+        # four cold prefixes went to four different workers: load counts when no cache helps
+        m = dep.metrics()
+        assert sorted(metric(m, "slurmserve:kv_events_total", type="BlockStored", instance=i) > 0
+                      for i in range(4)) == [True] * 4
+    finally:
+        assert dep.stop() == 0, dep.output()
+        dep.kill()
+
+
+def test_conditional_disaggregation(tiny_model_dir, tmp_path):
+    cfg = sim_config(tiny_model_dir, prefill=1, decode=1)
+    cfg["router"].update(policy="kv", disagg={"min_uncached_tokens": 64, "min_uncached_fraction": 0.3})
+    dep = LocalDeployment(tmp_path, cfg).start()
+    try:
+        c = dep.client()
+
+        def run(prompt):
+            return c.completions.create(model=MODEL, prompt=prompt, max_tokens=4, extra_body={"ignore_eos": True})
+
+        def paths():
+            m = dep.metrics()
+            return {p: metric(m, "slurmserve:disagg_requests_total", path=p) for p in
+                    ("remote_prefill", "local_below_min_tokens", "local_below_min_fraction")}
+
+        run(random_tokens(30, seed=1))                  # 30 tokens: not worth a transfer
+        assert paths() == {"remote_prefill": 0, "local_below_min_tokens": 1, "local_below_min_fraction": 0}
+        long = random_tokens(200, seed=2)
+        first = run(long)                               # 200 uncached tokens: prefilled remotely
+        assert paths()["remote_prefill"] == 1
+        assert first.usage.prompt_tokens_details.cached_tokens >= 192   # arrived by transfer
+        time.sleep(0.5)                                 # the decode instance's KV events reach the head
+        again = run(long[:192] + random_tokens(80, seed=3))  # 80 uncached of 272: > 64 tokens, < 30 %
+        assert paths() == {"remote_prefill": 1, "local_below_min_tokens": 1, "local_below_min_fraction": 1}
+        assert again.usage.prompt_tokens_details.cached_tokens == 192
+    finally:
+        assert dep.stop() == 0, dep.output()
+        dep.kill()
 
 
 def test_rank_count_mismatch_is_clear(tiny_model_dir, tmp_path):

@@ -40,7 +40,8 @@ def vllm_config(model_dir, **pools) -> dict:
         "model": {"path": str(model_dir), "name": MODEL, "max_model_len": MAX_MODEL_LEN},
         "engine": {"kind": "vllm", "args": ENGINE_ARGS},
         "pools": pools,
-        "router": {"host": "127.0.0.1", "port": 0, "policy": "round_robin"},
+        "router": {"host": "127.0.0.1", "port": 0, "policy": "round_robin",
+                   "disagg": {"min_uncached_tokens": 0, "min_uncached_fraction": 0.0}},   # always remote
         "runtime": {"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 2.0},
     }
 

@@ -1,0 +1,162 @@
+"""The fleet KV index (kvfabric.kv_index) and the `kv` routing policy (router.policies.KVAware)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+from slurmserve.kvfabric.block_hash import DEFAULT_HASH_SEED, block_digests, block_hashes
+from slurmserve.kvfabric.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSubscriber
+from slurmserve.kvfabric.kv_index import ApproxKVIndex, KVIndex
+from slurmserve.router.policies import KVAware, PrefixHasher, Route
+
+from test_sim_engine import collect, make_engine, model_dir, params  # noqa: F401
+
+BS = 4
+
+
+def stored(hashes, parent=None):
+    return BlockStored(list(hashes), parent, [1] * (BS * len(hashes)), BS, None, "GPU", None)
+
+
+def test_overlap_counts_leading_blocks_per_instance():
+    idx = KVIndex()
+    a = block_hashes(list(range(40)), BS)            # 10 blocks
+    b = block_hashes(list(range(20)) + [99] * 20, BS)  # shares 5 leading blocks with a
+    idx.apply(0, [stored(a)])
+    idx.apply(1, [stored(a[:3])])
+    idx.apply(2, [stored(b)])
+    assert idx.overlap(a, [0, 1, 2, 3]) == {0: 10, 1: 3, 2: 5, 3: 0}
+    assert idx.overlap(b, [0, 2]) == {0: 5, 2: 10}
+    assert idx.overlap(a[:4], [0]) == {0: 4}
+
+    # a block evicted from the middle ends the usable prefix there, as in the engine
+    idx.apply(0, [BlockRemoved([a[6]], "GPU")])
+    assert idx.overlap(a, [0]) == {0: 6}
+    idx.apply(0, [AllBlocksCleared()])
+    assert idx.overlap(a, [0, 1]) == {0: 0, 1: 3}
+    idx.forget(1)
+    assert idx.overlap(a, [0, 1, 2]) == {0: 0, 1: 0, 2: 5}
+    assert idx.blocks(2) == 10 and len(idx) == 10
+
+
+def test_raw_digest_events_match_int_hashes():
+    """vLLM sends raw 32-byte digests when VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0."""
+    tokens = list(range(16))
+    idx = KVIndex()
+    idx.apply(5, [stored(block_digests(tokens, BS))])
+    assert idx.overlap(block_hashes(tokens, BS), [5]) == {5: 4}
+    idx.apply(5, [BlockRemoved([block_digests(tokens, BS)[0]], "GPU")])
+    assert idx.overlap(block_hashes(tokens, BS), [5]) == {5: 0}
+
+
+def test_head_hashes_equal_engine_hashes():
+    tokens = list(range(1000, 1050))
+    r = Route(tokens, PrefixHasher(DEFAULT_HASH_SEED))
+    assert r.hashes(16) == block_hashes(tokens, 16, DEFAULT_HASH_SEED)
+    assert r.prompt_blocks(16) == 4 and len(r.hashes(16)) == 3
+
+
+def test_index_predicts_the_sim_engines_prefix_hits(model_dir):  # noqa: F811
+    """Fed by a real engine's KV events under eviction pressure, the index's overlap for a prompt
+    equals the prefix-cache hit the engine then reports for it."""
+    async def main():
+        e = make_engine(model_dir, events=True, num_kv_blocks=48, block_size=BS, max_model_len=128)
+        await e.start()
+        batches, removed = [], []
+        sub = KVEventSubscriber(lambda i, seq, evs: batches.append((seq, evs)), lambda *gap: None)
+        sub.add(0, e.publisher.endpoint)
+        await asyncio.sleep(0.3)          # PUB/SUB slow joiner
+        idx = KVIndex()
+        last_seq = -1
+        rng = random.Random(1)
+        prefixes = [[rng.randrange(10, 500) for _ in range(rng.randrange(8, 40))] for _ in range(6)]
+        try:
+            checked = 0
+            for i in range(40):
+                prompt = rng.choice(prefixes) + [rng.randrange(10, 500) for _ in range(rng.randrange(0, 9))]
+                predicted = idx.overlap(block_hashes(prompt, BS, DEFAULT_HASH_SEED), [0])[0]
+                deltas, _ = await collect(e, f"r{i}", prompt, params(2))
+                hit = deltas[0].num_cached_tokens // BS
+                assert hit == min(predicted, (len(prompt) - 1) // BS), (i, predicted, hit)
+                checked += predicted > 0
+                # let this request's events (stores and evictions) reach the index
+                await asyncio.sleep(0.01)
+                while e.publisher.seq != last_seq + 1:
+                    await asyncio.sleep(0.005)
+                    if batches:
+                        last_seq = batches[-1][0]
+                for _, evs in batches:
+                    idx.apply(0, evs)
+                    removed += [ev for ev in evs if type(ev) is BlockRemoved]
+                batches.clear()
+            assert checked >= 10   # the comparison was not trivially 0 == 0
+            assert removed, "the cache was too big to evict anything"
+        finally:
+            await e.stop()
+            sub.close()
+    asyncio.run(main())
+
+
+def test_approximate_index_learns_and_expires():
+    now = [0.0]
+    idx = ApproxKVIndex(ttl_s=10, clock=lambda: now[0])
+    h = block_hashes(list(range(32)), BS)
+    idx.record(3, h[:5])
+    assert idx.overlap(h, [3, 4]) == {3: 5, 4: 0}
+    now[0] = 5
+    idx.record(4, h)
+    now[0] = 12           # 3's entries are past their TTL, 4's are not
+    assert idx.overlap(h, [3, 4]) == {3: 0, 4: 8}
+    idx.record(4, h[:1])  # triggers a sweep: 3's entries are gone for good
+    assert all(3 not in e for e in idx._expiry.values())
+    idx.forget(4)
+    assert idx.overlap(h, [4]) == {4: 0}
+
+
+@dataclass
+class Inst:
+    index: int
+    prefill_blocks: int = 0
+    decode_blocks: int = 0
+    kv_usage: float = 0.0
+    num_kv_blocks: int = 1000
+    block_size: int = BS
+    inflight: int = 0
+    running: int = 0
+    waiting: int = 0
+
+
+def test_kv_policy_trades_overlap_against_load():
+    idx = KVIndex()
+    prompt = list(range(64))                      # 16 blocks
+    idx.apply(1, [stored(block_hashes(prompt, BS)[:12])])
+    pol = KVAware(idx)
+    a, b = Inst(0), Inst(1)
+    route = Route(prompt, PrefixHasher())
+    assert pol.choose([a, b], route) is b and route.overlap_blocks == 12
+    # b is busy prefilling: 12 cached blocks no longer outweigh its queue
+    b.prefill_blocks = 30
+    assert pol.choose([a, b], Route(prompt, PrefixHasher())) is a
+    # b's KV is nearly full: it is passed over whatever it caches
+    b.prefill_blocks, b.kv_usage = 0, 0.97
+    assert pol.choose([a, b], Route(prompt, PrefixHasher())) is a
+    # ...unless everyone is
+    a.kv_usage = 0.99
+    assert pol.choose([a, b], Route(prompt, PrefixHasher())) is b
+
+
+def test_kv_policy_temperature_spreads_ties_and_approximate_mode_records():
+    idx = ApproxKVIndex()
+    insts = [Inst(i) for i in range(4)]
+    hot = KVAware(idx, temperature=1.0, record_decisions=True, seed=0)
+    picks = {hot.choose(insts, Route(list(range(i * 100, i * 100 + 8)), PrefixHasher())).index
+             for i in range(40)}
+    assert picks == {0, 1, 2, 3}
+    # approximate mode: the same prompt again goes where the first one went (cold: lowest cost wins)
+    cold = KVAware(idx, record_decisions=True)
+    prompt = list(range(5000, 5064))
+    first = cold.choose(insts, Route(prompt, PrefixHasher())).index
+    insts[first].decode_blocks = 10        # even with some load there
+    assert cold.choose(insts, Route(prompt, PrefixHasher())).index == first
