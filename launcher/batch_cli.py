@@ -12,6 +12,7 @@ Run the same command again, by hand or by a requeue, and it resumes where the ou
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def _run(args) -> int:
     cfg = load_config(args.config, overrides)
     if not cfg.model.path.is_dir():
         raise ConfigError(f"model.path: {cfg.model.path} is not a directory")
+    if sys.stderr.isatty():
+        os.environ["SLURMSERVE_BATCH_BAR"] = "1"      # the head draws a progress bar (mpirun passes it on)
     rc = serve(cfg, args.config, overrides)
     output = bf.shard_path(cfg.batch.output, bf.resolve_shard(cfg.batch.shard))
     summary = summary_of(output)

@@ -165,10 +165,13 @@ class Scan:
 
 
 def scan_input(path: Path, shard: tuple[int, int] = (0, 1)) -> Scan:
-    """Count the shard's lines and find duplicate custom_ids, before anything runs."""
+    """Count the shard's lines and find duplicate custom_ids, before anything runs. Duplicates are
+    found over the whole file, so that shards agree on which line is the first (the one that runs)."""
     scan, first = Scan(), {}
-    for lineno, raw in iter_lines(path, shard):
-        scan.total += 1
+    i, n = shard
+    for lineno, raw in iter_lines(path):
+        mine = (lineno - 1) % n == i
+        scan.total += mine
         try:
             cid = _id_decoder.decode(raw).custom_id
         except (msgspec.ValidationError, msgspec.DecodeError):
@@ -177,7 +180,8 @@ def scan_input(path: Path, shard: tuple[int, int] = (0, 1)) -> Scan:
             continue
         at = first.setdefault(cid, lineno)
         if at != lineno:
-            scan.duplicates[lineno] = at
+            if mine:
+                scan.duplicates[lineno] = at
             scan.dup_ids.setdefault(cid, [at]).append(lineno)
     return scan
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -115,17 +116,18 @@ class Stats:
 
 
 class Progress:
-    """A tqdm bar when stdout is a terminal, else a log line every `interval_s`."""
+    """A tqdm bar on stderr when `slurmserve batch` runs on a terminal (it sets SLURMSERVE_BATCH_BAR=1;
+    a rank cannot tell: mpirun may give it a pty of its own), else a log line every `interval_s`."""
 
     def __init__(self, stats: Stats, interval_s: float):
         self.stats, self.interval_s = stats, interval_s
         self._last = time.monotonic()
         self._bar = None
-        if sys.stdout.isatty():
+        if os.environ.get("SLURMSERVE_BATCH_BAR") == "1":
             try:
                 from tqdm import tqdm
                 self._bar = tqdm(total=stats.total, initial=stats.skipped, unit="req", dynamic_ncols=True,
-                                 file=sys.stdout, desc="batch")
+                                 file=sys.stderr, desc="batch")
             except ImportError:
                 pass
 
@@ -277,6 +279,8 @@ class BatchDriver:
                 await self._slot.wait()
             if stop.is_set():
                 return
+            self._inflight[seq] = asyncio.Event()      # counted now, not when the task first runs
+            self.metrics.inflight.inc()
             t = asyncio.create_task(self._one(seq, item))
             tasks.add(t)
             t.add_done_callback(tasks.discard)
@@ -290,9 +294,7 @@ class BatchDriver:
     # ---- one request --------------------------------------------------------------------------------
 
     async def _one(self, seq: int, req: bf.Request) -> None:
-        abandon = asyncio.Event()
-        self._inflight[seq] = abandon
-        self.metrics.inflight.inc()
+        abandon = self._inflight[seq]
         try:
             for attempt in range(self.bc.retries + 1):
                 status, body = await self._call(req, abandon)
