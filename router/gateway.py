@@ -181,16 +181,19 @@ class GatewayApp:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
         tail = b""
         while True:
-            while conn.chunks:
-                data = conn.chunks.popleft()
+            if conn.chunks:                  # everything that is in, as one write
+                chunks = conn.chunks
+                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
                 if tail:
                     data, tail = tail + data, b""
                 if not data.endswith(b"\n\n"):
-                    cut = data.rfind(b"\n\n") + 2
+                    end = data.rfind(b"\n\n")
+                    cut = end + 2 if end >= 0 else 0      # a partial event waits for its rest
                     data, tail = data[:cut], data[cut:]
-                    if not data:
-                        continue
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+                if data:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                continue
             if conn.complete:
                 break
             if conn.error is not None:
