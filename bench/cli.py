@@ -140,6 +140,8 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_serve)
     from slurmserve.bench.scenario import register as register_scenario
     register_scenario(bsub)
+    from slurmserve.bench.kv_transfer import register as register_kv_transfer
+    register_kv_transfer(bsub)
 
 
 if __name__ == "__main__":

@@ -41,8 +41,12 @@ def run_rank(cfg: DeploymentConfig) -> int:
         if placement.instance_rank == 0:
             public, secret = zmq.curve_keypair()
             kv_curve["keys"] = (public, secret)
+            # the KV-transfer side channel (NIXL metadata, or the bytes themselves) is CURVE too:
+            # its public key, like the events key, is known only inside the job
+            side_public, side_secret = zmq.curve_keypair()
+            kv_curve["side_channel"] = (side_public, side_secret)
             return {"kv_events": f"tcp://{address}:{free_port(address)}", "kv_events_key": public.decode(),
-                    "kv_side_channel_port": free_port(address)}
+                    "kv_side_channel_port": free_port(address), "kv_side_channel_key": side_public.decode()}
         return {}
 
     try:
@@ -65,10 +69,10 @@ def run_rank(cfg: DeploymentConfig) -> int:
         # mpirun in recovery mode exits 0 whatever the ranks did; `slurmserve serve` reads this.
         (cfg.log_dir / HEAD_EXIT_FILE).write_text(f"{code}\n")
         return code
-    return uvloop.run(_run_engine_rank(cfg, world, kv_curve.get("keys")))
+    return uvloop.run(_run_engine_rank(cfg, world, kv_curve.get("keys"), kv_curve.get("side_channel")))
 
 
-async def _run_engine_rank(cfg: DeploymentConfig, world: World, kv_curve_keys) -> int:
+async def _run_engine_rank(cfg: DeploymentConfig, world: World, kv_curve_keys, side_channel_keys=None) -> int:
     p = world.placement
     me = world.ranks[p.rank]
     if p.instance_rank != 0:
@@ -82,6 +86,11 @@ async def _run_engine_rank(cfg: DeploymentConfig, world: World, kv_curve_keys) -
                         kv_events_endpoint=local_events,
                         kv_side_channel_port=int(me.endpoints.get("kv_side_channel_port", 0)),
                         comm=world.instance_comm)
+    if side_channel_keys is not None:
+        ctx.extra["kv_side_channel_keys"] = side_channel_keys
+        ctx.extra["kv_peer_keys"] = {f"{r.address}:{r.endpoints['kv_side_channel_port']}":
+                                     r.endpoints["kv_side_channel_key"]
+                                     for r in world.ranks if "kv_side_channel_key" in r.endpoints}
     # SIGUSR2 is for the head (it drains and then shuts the workers down); a worker only
     # keeps serving until told. SIGTERM/SIGINT stop it directly (handled in Worker.run).
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)

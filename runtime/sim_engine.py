@@ -38,10 +38,22 @@ the model has an EOS id and the request does not ignore it, EOS is drawn with pr
 Disaggregation: a prefill-only request (kv_transfer_params with do_remote_decode) prefills, yields
 exactly one token and finishes "length" with kv_transfer_params describing where its KV lives. A
 remote-prefill request (do_remote_prefill) counts its whole prompt as already computed (reported
-as cached tokens), pays only the per-block transfer cost and starts decoding. No bytes move yet:
-`export_remote_kv` / `import_remote_kv` are the hooks for the real transfer. The prefill side does
-not hold blocks for the decode side: they are freed (and stay prefix-cached) as soon as the
-prefill leg ends.
+as cached tokens) and starts decoding once it has the prompt's KV:
+  * Real KV movement (prefill and decode instances given side-channel keys by the runtime, and
+    `sim.kv_transfer` not "none"): every instance owns a kvfabric KVTransfer whose host buffer
+    holds its KV blocks, `sim.kv_bytes_per_token` per token. A prefill instance writes each
+    computed token's KV, bytes derived from (token id, position) only (kv_transfer.fill_kv), and
+    `export_remote_kv` keeps the request's blocks (ref-counted, still prefix-cached) until the
+    decode side's READ notifies it, or the export expires. A decode instance gives the request
+    its blocks, pulls the uncached ones on the transfer's importer thread (the request waits in
+    a loading state; the engine keeps stepping the others, so the request pays the real transfer
+    time and no step pays a modelled one), checks every byte against the prompt, and then
+    decodes. A failed pull (peer died, refused, timed out) or wrong bytes: the request frees its
+    blocks and is prefilled locally, like a preempted one. `kv_transfers_verified` /
+    `kv_transfers_failed` count both; the totals are logged at stop.
+  * Otherwise (no keys, as in unit tests, or kv_transfer "none") no bytes move and the admitting
+    step pays `remote_block_transfer_ms` per pulled block. The prefill side then holds no blocks
+    for the decode side: they are freed (and stay prefix-cached) as soon as the prefill leg ends.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ from typing import Any
 
 from slurmserve.kvfabric.block_hash import BlockHasher
 from slurmserve.kvfabric.events import BlockRemoved, BlockStored, KVEventPublisher
+from slurmserve.kvfabric.kv_transfer import KVTransfer, create_kv_transfer, fill_kv, kv_matches
 from slurmserve.runtime.engine import Engine, EngineContext, EngineRequest
 from slurmserve.runtime.protocol import Delta, Load
 
@@ -70,8 +83,8 @@ _LCG_C = 1442695040888963407
 
 KV_EVENTS_TOPIC = "kv-events"
 
-# request states
-_WAITING, _RUNNING, _DONE = 0, 1, 2
+# request states (_LOADING: blocks allocated, remote KV being pulled)
+_WAITING, _RUNNING, _DONE, _LOADING = 0, 1, 2, 3
 
 
 def _mix64(x: int) -> int:
@@ -205,16 +218,31 @@ class SimEngine(Engine):
         self.publisher: KVEventPublisher | None = None
         self._vclock = 0.0
         self._stopped = False
+        self.kv_transfer: KVTransfer | None = None
+        self.kv_bytes_per_token = sim.kv_bytes_per_token
+        self._loading: dict[str, _Req] = {}
         # counters, for tests and metrics
         self.steps = 0
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0
+        self.kv_transfers_verified = 0
+        self.kv_transfers_failed = 0
 
     # ---- Engine interface -----------------------------------------------------------------------
 
     async def start(self) -> None:
         if self.ctx.kv_events_endpoint:
             self.publisher = KVEventPublisher(self.ctx.kv_events_endpoint, KV_EVENTS_TOPIC)
+        keys = self.ctx.extra.get("kv_side_channel_keys")
+        if self.ctx.role in ("prefill", "decode") and keys and self.sim.kv_transfer != "none":
+            self.kv_transfer = create_kv_transfer(
+                self.sim.kv_transfer, name=f"sim-{self.ctx.instance}", host=self.ctx.host,
+                port=self.ctx.kv_side_channel_port, num_blocks=self.num_blocks,
+                block_bytes=self.kv_bytes_per_token * self.block_size, curve_keys=keys,
+                peer_keys=self.ctx.extra.get("kv_peer_keys", {}))
+            log.info("KV transfer: %s backend, %d blocks of %d bytes, side channel %s",
+                     self.kv_transfer.backend, self.num_blocks, self.kv_transfer.block_bytes,
+                     self.kv_transfer.address)
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="sim-engine")
 
@@ -233,6 +261,11 @@ class SimEngine(Engine):
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
+        transfer, self.kv_transfer = self.kv_transfer, None
+        if transfer is not None:
+            await asyncio.to_thread(transfer.close)   # waits for an in-flight pull to end
+            log.info("KV transfers: %d verified, %d failed; %s", self.kv_transfers_verified,
+                     self.kv_transfers_failed, transfer.stats)
 
     def load(self) -> Load:
         n = self.num_blocks
@@ -281,19 +314,76 @@ class SimEngine(Engine):
     # ---- disaggregation hooks -------------------------------------------------------------------
 
     def export_remote_kv(self, req_id: str, block_ids: list[int], num_tokens: int) -> dict[str, Any]:
-        """kv_transfer_params a prefill-only leg returns. Hook for the real KV transfer (NIXL)."""
-        return {"do_remote_prefill": True, "do_remote_decode": False,
-                "remote_engine_id": f"sim-{self.ctx.instance}", "remote_request_id": req_id,
-                "remote_host": self.ctx.host, "remote_port": self.ctx.kv_side_channel_port,
-                "remote_block_ids": list(block_ids), "num_tokens": num_tokens}
+        """kv_transfer_params a prefill-only leg returns; with a real transfer, the blocks stay
+        held until the decode side has read them (or the export expires)."""
+        params = {"do_remote_prefill": True, "do_remote_decode": False,
+                  "remote_engine_id": f"sim-{self.ctx.instance}", "remote_request_id": req_id,
+                  "remote_host": self.ctx.host, "remote_port": self.ctx.kv_side_channel_port,
+                  "remote_block_ids": list(block_ids), "num_tokens": num_tokens}
+        if self.kv_transfer is None:
+            return params
+        held = list(block_ids)
+        for bid in held:
+            self._ref[bid] += 1
+        loop = asyncio.get_running_loop()
+
+        def read(_ok: bool) -> None:     # on the transfer's service thread
+            try:
+                loop.call_soon_threadsafe(self._unhold, held)
+            except RuntimeError:         # the loop is gone: the engine stopped
+                pass
+
+        params.update(self.kv_transfer.export(req_id, held, num_tokens, read))
+        return params
+
+    def _unhold(self, block_ids: list[int]) -> None:
+        if not self._stopped:
+            self._release(block_ids)
+            self._wake.set()
 
     def import_remote_kv(self, req_id: str, params: dict[str, Any] | None, block_ids: list[int],
                          num_blocks: int) -> float:
-        """Pull `num_blocks` remote blocks into local `block_ids`; returns the modelled cost in ms.
-
-        Hook for the real KV transfer: the simulator moves no bytes.
-        """
+        """Modelled cost in ms of pulling `num_blocks` remote blocks, when no bytes really move."""
         return num_blocks * self.remote_block_transfer_ms
+
+    def _pull_remote_kv(self, req: _Req, first: int) -> None:
+        """Start pulling the request's blocks [first, ...) from the prefill instance."""
+        req.state = _LOADING
+        self._loading[req.req_id] = req
+        local = req.block_ids[first:]
+        remote = list(req.kv_params.get("remote_block_ids") or [])[first:first + len(local)]
+        loop = asyncio.get_running_loop()
+        fut = self.kv_transfer.import_async(req.kv_params, local, remote)
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._landed, req, first, f))
+
+    def _landed(self, req: _Req, first: int, fut) -> None:
+        """A pull ended: verify the bytes and decode, or fall back to prefilling locally."""
+        if self._loading.get(req.req_id) is req:
+            del self._loading[req.req_id]
+        if req.state != _LOADING:          # aborted while loading: its blocks were kept until now
+            self._free_blocks(req)
+            self._wake.set()
+            return
+        err = fut.exception()
+        bs, ntok = self.block_size, len(req.tokens)
+        if err is None and not kv_matches(self.kv_transfer.buffer, bs, req.block_ids, req.tokens, first * bs, ntok):
+            err = "the pulled KV bytes do not match the prompt"
+        if err is None:
+            self.kv_transfers_verified += 1
+            log.debug("pulled and verified %d KV blocks of %s", len(req.block_ids) - first, req.req_id)
+            req.num_computed = ntok
+            if req.num_cached is None:
+                req.num_cached = req.prompt_len
+            req.state = _RUNNING
+            self._running.append(req)
+        else:
+            self.kv_transfers_failed += 1
+            log.warning("KV pull for %s failed (%s); prefilling it locally", req.req_id, err)
+            self._free_blocks(req)
+            req.num_computed = 0
+            req.state = _WAITING
+            self._waiting.appendleft(req)
+        self._wake.set()
 
     # ---- request bookkeeping --------------------------------------------------------------------
 
@@ -330,6 +420,7 @@ class SimEngine(Engine):
             except ValueError:
                 pass
             self._free_blocks(req)
+        # _LOADING: the pull may still be writing into its blocks; _landed frees them
         req.state = _DONE
         req.finish = reason
         if notify:
@@ -363,16 +454,19 @@ class SimEngine(Engine):
 
     def _free_blocks(self, req: _Req) -> None:
         """Release a request's blocks, tail first, as vLLM does: the tail is evicted first."""
+        self._release(req.block_ids)
+        req.block_ids = []
+        req.num_stored = 0
+
+    def _release(self, block_ids: list[int]) -> None:
         free, bhash, ref = self._free, self._bhash, self._ref
-        for bid in reversed(req.block_ids):
+        for bid in reversed(block_ids):
             r = ref[bid] - 1
             ref[bid] = r
             if r == 0:
                 free[bid] = None
                 if bhash[bid] is None:      # nothing cached in it: hand it out before cached blocks
                     free.move_to_end(bid, last=False)
-        req.block_ids = []
-        req.num_stored = 0
 
     def _ensure_hashes(self, req: _Req, nblocks: int) -> None:
         hashes = req.hashes
@@ -448,6 +542,11 @@ class SimEngine(Engine):
         req.block_ids = hits + self._alloc(need) if need > 0 else hits
         req.num_stored = len(hits)
         transfer_ms = 0.0
+        if remote and self.kv_transfer is not None and (req.kv_params or {}).get("remote_session"):
+            req.remote = False          # if the pull fails or it is preempted, it is recomputed locally
+            self.prefix_hit_tokens += hit_tokens
+            self._pull_remote_kv(req, len(hits))
+            return 0, 0.0
         if remote:
             req.remote = False          # if preempted later, it is recomputed locally
             req.num_computed = ntok
@@ -503,13 +602,16 @@ class SimEngine(Engine):
         if not preempted:
             waiting = self._waiting
             max_seqs = self.max_num_seqs
-            while waiting and len(running) < max_seqs and (budget > 0 or waiting[0].remote):
+            while (waiting and len(running) + len(self._loading) < max_seqs
+                   and (budget > 0 or waiting[0].remote)):
                 req = waiting[0]
                 got = self._admit(req, budget)
                 if got is None:
                     break
                 n, t_ms = got
                 waiting.popleft()
+                if req.state == _LOADING:
+                    continue            # it runs once its KV has landed (_landed)
                 req.state = _RUNNING
                 running.append(req)
                 sched.append((req, n))
@@ -525,6 +627,7 @@ class SimEngine(Engine):
         decoding = False
         finished = 0
         touched = self._touched
+        kv_buffer = self.kv_transfer.buffer if self.kv_transfer is not None and self.ctx.role == "prefill" else None
         for req, n in sched:
             ntok = len(req.tokens)
             before = req.num_computed
@@ -533,6 +636,8 @@ class SimEngine(Engine):
             else:
                 prefill_tokens += n
             after = before + n
+            if kv_buffer is not None and n:
+                fill_kv(kv_buffer, bs, req.block_ids, req.tokens, before, after)
             req.num_computed = after
             full = after // bs
             if full > req.num_stored:
@@ -623,9 +728,15 @@ class SimEngine(Engine):
                     await wake.wait()
                     continue
                 t0 = perf()
+                steps = self.steps
                 ms = self._schedule_step()
                 if self._removed or self._stored:
                     self._publish()
+                if self.steps == steps and (self._loading or self.kv_transfer is not None):
+                    # nothing could run: it waits for a pull to land or held blocks to be read
+                    wake.clear()
+                    await wake.wait()
+                    continue
                 if inf or ms <= 0.0:
                     self._deliver()
                     await asyncio.sleep(0)

@@ -47,6 +47,12 @@ class SimConfig(_Strict):
     # decode_ms = a*u^2 + b*u + c with u the KV utilization, floored at 1 ms.
     decode_coeffs: tuple[float, float, float] = (-25.74, 54.01, 5.74)
     seed: int = 0
+    # Disaggregated pools move real KV bytes: prefill instances fill kv_bytes_per_token per token in
+    # a registered host buffer, decode instances pull them (kvfabric/kv_transfer.py) and verify them.
+    kv_bytes_per_token: int = Field(512, gt=0, multiple_of=8, description="Simulated KV bytes per token.")
+    kv_transfer: Literal["auto", "nixl", "zmq", "none"] = Field(
+        "auto", description="How disaggregated instances move KV: nixl (UCX), zmq, auto (nixl when "
+                            "importable), or none (no bytes; a modelled cost per block).")
 
 
 class EngineConfig(_Strict):

@@ -1,0 +1,383 @@
+"""kvfabric's KV transfer between real processes: NIXL (UCX) and the ZeroMQ fallback, peer death and
+recovery, the side channel's authentication, and the simulator's disaggregated mode moving real KV."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from slurmserve.kvfabric.kv_transfer import KVTransferError, create_kv_transfer, fill_kv, kv_matches
+from slurmserve.runtime.engine import EngineRequest
+from slurmserve.runtime.protocol import SamplingParams
+
+SPAWN = mp.get_context("spawn")    # NIXL/UCX state must not be forked
+BS = 16                            # tokens per block
+BPT = 256                          # KV bytes per token
+BLOCK = BS * BPT
+NBLOCKS = 64
+
+
+def _reply_within(conn, seconds: float = 60.0):
+    if not conn.poll(seconds):
+        raise TimeoutError("the peer process did not answer")
+    return conn.recv()
+
+
+def _transfer_main(conn, backend: str, name: str, port: int, keys) -> None:
+    """A prefill-side process: one KVTransfer, driven over a pipe."""
+    t = create_kv_transfer(backend, name=name, host="127.0.0.1", port=port, num_blocks=NBLOCKS,
+                           block_bytes=BLOCK, curve_keys=keys, peer_keys={})
+    read: dict[str, bool] = {}
+    changed = threading.Condition()
+
+    def on_done(tag, ok):
+        with changed:
+            read[tag] = ok
+            changed.notify_all()
+
+    conn.send(t.port)
+    while True:
+        cmd, *args = conn.recv()
+        if cmd == "export":
+            tag, ids, tokens = args
+            fill_kv(t.buffer, BS, ids, tokens, 0, len(tokens))
+            conn.send(t.export(tag, ids, len(tokens), lambda ok, tag=tag: on_done(tag, ok)))
+        elif cmd == "sha":
+            conn.send(hashlib.sha256(t.buffer[np.asarray(args[0])].tobytes()).hexdigest())
+        elif cmd == "wait_read":
+            with changed:
+                changed.wait_for(lambda: args[0] in read, timeout=30)
+            conn.send((read.get(args[0]), dict(t.stats, pending=t.pending_exports())))
+        elif cmd == "stats":
+            conn.send(dict(t.stats, pending=t.pending_exports()))
+        elif cmd == "stop":
+            t.close()
+            conn.send("bye")
+            return
+
+
+class Peer:
+    """A child process running `target(conn, *args)`; the first message it sends is its port."""
+
+    def __init__(self, target, *args):
+        self.conn, child = SPAWN.Pipe()
+        self.proc = SPAWN.Process(target=target, args=(child, *args), daemon=True)
+        self.proc.start()
+        self.port = _reply_within(self.conn)
+
+    def call(self, *msg):
+        self.conn.send(msg)
+        return _reply_within(self.conn)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            assert self.call("stop") == "bye"
+        self.proc.join(10)
+        assert self.proc.exitcode == 0, f"peer exited with {self.proc.exitcode}"
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)      # also ends a stopped process, without running it
+        self.proc.join(10)
+
+
+def keypair():
+    return zmq.curve_keypair()
+
+
+def decode_side(backend: str, peers: dict[int, bytes], keys=None, **kw):
+    return create_kv_transfer(backend, name="decode", host="127.0.0.1", port=0, num_blocks=NBLOCKS,
+                              block_bytes=BLOCK, curve_keys=keys or keypair(),
+                              peer_keys={f"127.0.0.1:{p}": k for p, k in peers.items()}, **kw)
+
+
+def sha(t, ids) -> str:
+    return hashlib.sha256(t.buffer[np.asarray(ids)].tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("backend", ["nixl", "zmq"])
+def test_bytes_arrive_intact_and_reads_notify_the_exporter(backend):
+    """Two exports pulled into scattered local blocks: the bytes equal the exporter's, they are the
+    KV of the exported tokens, and the exporter learns of each read by notification."""
+    pk = keypair()
+    peer = Peer(_transfer_main, backend, "prefill-0", 0, pk)
+    t = decode_side(backend, {peer.port: pk[0]})
+    try:
+        tokens_a = list(range(1000, 1100))                 # 100 tokens: 7 blocks, the last one partial
+        tokens_b = [7] * 40 + list(range(50))
+        src_a, src_b = [3, 9, 4, 20, 21, 22, 63], [0, 1, 2, 5, 6, 7]
+        pa = peer.call("export", "req-a", src_a, tokens_a)
+        pb = peer.call("export", "req-b", src_b, tokens_b)
+        assert pa["kv_backend"] == backend and pa["remote_block_ids"] == src_a
+        dst_a, dst_b = [40, 11, 12, 13, 50, 2, 1], [30, 31, 8, 33, 60, 61]
+        assert t.import_(pa, dst_a) == 7 * BLOCK
+        assert t.import_(pb, dst_b) == 6 * BLOCK
+        assert sha(t, dst_a) == peer.call("sha", src_a) and sha(t, dst_b) == peer.call("sha", src_b)
+        assert kv_matches(t.buffer, BS, dst_a, tokens_a, 0, 100)
+        assert kv_matches(t.buffer, BS, dst_b, tokens_b, 0, 90)
+        assert not kv_matches(t.buffer, BS, dst_a, tokens_b + tokens_a, 0, 100)   # checking is real
+        for tag in ("req-a", "req-b"):
+            ok, stats = peer.call("wait_read", tag)
+            assert ok is True, stats
+        assert stats["exports_done"] == 2 and stats["pending"] == 0 and stats["exports_expired"] == 0
+        assert t.stats["handshakes"] == 1 and t.stats["imports"] == 2 and t.stats["bytes_in"] == 13 * BLOCK
+        # a subset of an export (the decode side had the first blocks cached), and an empty one
+        pc = peer.call("export", "req-c", src_a, tokens_a)
+        assert t.import_(pc, [14, 15], remote_block_ids=src_a[5:]) == 2 * BLOCK
+        assert sha(t, [14, 15]) == peer.call("sha", src_a[5:])
+        pd = peer.call("export", "req-d", src_b, tokens_b)
+        assert t.import_(pd, [], remote_block_ids=[]) == 0
+        assert peer.call("wait_read", "req-c")[0] is True and peer.call("wait_read", "req-d")[0] is True
+    finally:
+        t.close()
+        peer.stop()
+
+
+def test_peer_killed_mid_transfer_then_agent_re_added():
+    """A READ in flight when the exporter dies raises KVTransferError and drops its agent; the
+    restarted exporter (same agent name, same side channel) is added again on the next pull."""
+    pk = keypair()
+    peer = Peer(_transfer_main, "nixl", "prefill-0", 0, pk)
+    port = peer.port
+    t = decode_side("nixl", {port: pk[0]})
+    try:
+        tokens = list(range(200, 200 + 16 * 32))
+        ids = list(range(32))
+        t.import_(peer.call("export", "warm", ids, tokens), ids)
+        params = peer.call("export", "victim", ids, tokens)
+        os.kill(peer.proc.pid, signal.SIGSTOP)     # the exporter stops progressing: the READ stays in flight
+        fut = t.import_async(params, list(range(32, 64)))
+        while t.in_flight == 0 and not fut.done():
+            time.sleep(0.001)
+        assert not fut.done()
+        peer.kill()
+        with pytest.raises(KVTransferError, match="prefill-0"):
+            fut.result(timeout=30)
+        assert t.stats["peers_dropped"] == 1 and t.stats["import_failures"] == 1
+
+        peer = Peer(_transfer_main, "nixl", "prefill-0", port, pk)   # restarted, same name and port
+        params = peer.call("export", "after", ids, tokens)
+        assert t.import_(params, list(range(32, 64))) == 32 * BLOCK
+        assert kv_matches(t.buffer, BS, list(range(32, 64)), tokens, 0, len(tokens))
+        assert t.stats["handshakes"] == 2 and t.stats["imports"] == 2
+        peer.stop()
+    finally:
+        t.close()
+        peer.kill()
+
+
+def _answer(endpoint: str, curve_server_key: bytes | None) -> bool:
+    """Ask for the NIXL metadata like a stranger would; True if any answer comes within 1.5 s."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    if curve_server_key is not None:
+        s.curve_serverkey = curve_server_key
+        s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+    s.connect(endpoint)
+    s.send(b"MD")
+    answered = bool(s.poll(1500))
+    s.close(linger=0)
+    ctx.term()
+    return answered
+
+
+@pytest.mark.parametrize("backend", ["nixl", "zmq"])
+def test_side_channel_refuses_peers_without_the_key(backend):
+    pk = keypair()
+    peer = Peer(_transfer_main, backend, "prefill-0", 0, pk)
+    endpoint = f"tcp://127.0.0.1:{peer.port}"
+    try:
+        params = peer.call("export", "r", [1, 2], list(range(32)))
+        assert not _answer(endpoint, None)                    # plain ZeroMQ
+        assert not _answer(endpoint, keypair()[0])            # CURVE with a guessed key
+        assert _answer(endpoint, pk[0])                       # the job's key (sanity)
+        with decode_side(backend, {peer.port: keypair()[0]}, handshake_timeout_s=1.0) as wrong:
+            with pytest.raises(KVTransferError, match="no answer"):
+                wrong.import_(params, [1, 2])
+        with decode_side(backend, {}) as stranger:            # an address outside the job's list
+            with pytest.raises(KVTransferError, match="not a KV side channel of this job"):
+                stranger.import_(params, [1, 2])
+        stats = peer.call("stats")                            # nothing was read
+        assert stats["exports_done"] == 0 and stats["pending"] == 1
+    finally:
+        peer.stop()
+
+
+# ---- the simulator ------------------------------------------------------------------------------
+
+# 64 KiB blocks: UCX reads them with a protocol that needs the exporter to progress, so a stopped
+# exporter keeps the pull in flight (smaller reads can complete from the reader's side alone)
+SIM_BPT = 4096
+
+
+def _sim_cfg(model_dir, backend):
+    from slurmserve.config import DeploymentConfig
+    return DeploymentConfig.model_validate({
+        "model": {"path": str(model_dir), "max_model_len": 1024},
+        "engine": {"kind": "sim", "sim": {"speedup": float("inf"), "num_kv_blocks": 128, "block_size": BS,
+                                          "kv_bytes_per_token": SIM_BPT, "kv_transfer": backend}}})
+
+
+def _sim_engine(model_dir, backend, instance, role, port, keys, peer_keys):
+    from slurmserve.kvfabric.block_hash import DEFAULT_HASH_SEED
+    from slurmserve.runtime.engine import EngineContext
+    from slurmserve.runtime.sim_engine import SimEngine
+    ctx = EngineContext(instance=instance, role=role, host="127.0.0.1", kv_events_endpoint="",
+                        kv_side_channel_port=port, extra={"hash_seed": DEFAULT_HASH_SEED,
+                                                          "kv_side_channel_keys": keys,
+                                                          "kv_peer_keys": peer_keys})
+    return SimEngine(_sim_cfg(model_dir, backend), ctx)
+
+
+async def _run(engine, req_id, prompt, max_tokens, kv=None):
+    p = SamplingParams(max_tokens=max_tokens, ignore_eos=True, min_tokens=0)
+    deltas = [d async for d in engine.generate(EngineRequest(req_id, list(prompt), p, kv))]
+    return deltas, [t for d in deltas for t in d.token_ids]
+
+
+def _sim_prefill_main(conn, model_dir, backend, port, keys) -> None:
+    """A prefill SimEngine in its own process; prefills on request and returns kv_transfer_params."""
+    async def main():
+        engine = _sim_engine(model_dir, backend, 0, "prefill", port, keys, {})
+        await engine.start()
+        conn.send(engine.kv_transfer.port)
+        while True:
+            cmd, *args = await asyncio.to_thread(conn.recv)
+            if cmd == "prefill":
+                deltas, _ = await _run(engine, args[0], args[1], 1, {"do_remote_decode": True})
+                conn.send(deltas[-1].kv_transfer_params)
+            elif cmd == "held":      # blocks still held for readers, once the reads are notified
+                while engine.kv_transfer.pending_exports() and args[0]:
+                    await asyncio.sleep(0.005)
+                conn.send(engine.load().kv_usage)
+            elif cmd == "stop":
+                await engine.stop()
+                conn.send("bye")
+                return
+    asyncio.run(main())
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"vocab_size": 512, "eos_token_id": 2}))
+    return d
+
+
+def test_sim_decode_pulls_verifies_and_falls_back_to_local_prefill(model_dir):
+    """A decode SimEngine pulls a prefill SimEngine's KV from another process and verifies it;
+    when the prefill process dies mid-pull the request is prefilled locally with the same output,
+    and after the prefill instance restarts pulls work again."""
+    pk, dk = keypair(), keypair()
+    peer = Peer(_sim_prefill_main, model_dir, "nixl", 0, pk)
+    port = peer.port
+
+    async def main():
+        dec = _sim_engine(model_dir, "nixl", 1, "decode", 0, dk, {f"127.0.0.1:{port}": pk[0]})
+        agg = _sim_engine(model_dir, "none", 2, "worker", 0, None, {})
+        await dec.start()
+        await agg.start()
+        try:
+            prompt = list(range(100, 100 + 150))                 # 150 tokens: 10 blocks, last partial
+            _, expect = await _run(agg, "a", prompt, 12)
+            kv = peer.call("prefill", "p1", prompt)
+            assert kv["kv_backend"] == "nixl" and len(kv["remote_block_ids"]) == 10
+            assert peer.call("held", False) > 0                   # held until the decode side reads
+            deltas, toks = await _run(dec, "d1", prompt, 12, kv)
+            assert toks == expect and deltas[0].num_cached_tokens == 150
+            assert (dec.kv_transfers_verified, dec.kv_transfers_failed) == (1, 0)
+            assert peer.call("held", True) == 0                   # the READ's notification released them
+
+            # the prefill process dies while the pull is in flight: local prefill, same tokens
+            prompt2 = list(range(300, 300 + 100))
+            _, expect2 = await _run(agg, "a2", prompt2, 12)
+            kv2 = peer.call("prefill", "p2", prompt2)
+            os.kill(peer.proc.pid, signal.SIGSTOP)
+            task = asyncio.create_task(_run(dec, "d2", prompt2, 12, kv2))
+            while dec.kv_transfer.in_flight == 0 and not task.done():
+                await asyncio.sleep(0.001)
+            assert not task.done()
+            peer.kill()
+            deltas, toks = await task
+            assert toks == expect2 and deltas[0].num_cached_tokens == 0
+            assert (dec.kv_transfers_verified, dec.kv_transfers_failed) == (1, 1)
+
+            restarted = Peer(_sim_prefill_main, model_dir, "nixl", port, pk)
+            try:
+                kv3 = restarted.call("prefill", "p3", prompt2)
+                _, toks = await _run(dec, "d3", prompt2, 12, kv3)
+                assert toks == expect2 and (dec.kv_transfers_verified, dec.kv_transfers_failed) == (2, 1)
+                # bytes that do not match the prompt are caught, and the request still answers right
+                kv4 = restarted.call("prefill", "p4", prompt)
+                _, toks = await _run(dec, "d4", prompt2, 12, kv4)
+                assert toks == expect2 and (dec.kv_transfers_verified, dec.kv_transfers_failed) == (2, 2)
+            finally:
+                restarted.stop()
+        finally:
+            await dec.stop()
+            await agg.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        peer.kill()
+
+
+def test_disaggregated_deployment_moves_and_verifies_real_kv(tiny_model_dir, tmp_path):
+    """1 prefill + 1 decode over mpirun: answers equal an aggregated deployment's, the decode rank
+    pulled every prompt's KV over NIXL and verified every byte."""
+    from slurmserve.launcher.local_deployment import LocalDeployment
+    from slurmserve.launcher.local_deployment import metric_value as metric
+
+    from slurmserve.config import RouterConfig
+
+    def config(**pools):
+        router = {"host": "127.0.0.1", "port": 0, "policy": "round_robin"}
+        if "disagg" in RouterConfig.model_fields:    # conditional disaggregation: always remote here
+            router["disagg"] = {"min_uncached_tokens": 0, "min_uncached_fraction": 0.0}
+        return {"model": {"path": str(tiny_model_dir), "name": "tiny-llama", "max_model_len": 512},
+                "engine": {"kind": "sim", "sim": {"speedup": 10.0, "num_kv_blocks": 256, "block_size": 16}},
+                "pools": pools, "router": router,
+                "runtime": {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 1.5}}
+
+    prompts = [f"kv transfer {i} " + "the quick brown fox . " * (4 + 3 * i) for i in range(4)]
+
+    def answers(dep):
+        c = dep.client()
+        return [c.completions.create(model="tiny-llama", prompt=p, max_tokens=8,
+                                     extra_body={"ignore_eos": True}) for p in prompts]
+
+    dep = LocalDeployment(tmp_path, config(prefill=1, decode=1), name="disagg").start()
+    try:
+        got = answers(dep)
+        assert all(r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens for r in got)
+        assert metric(dep.metrics(), "slurmserve:disagg_requests_total", path="remote_prefill") == 4
+    finally:
+        assert dep.stop() == 0, dep.output()
+        dep.kill()
+    logs = {p.name: p.read_text() for p in (dep.dir / "logs").glob("rank-*.log")}
+    assert "KV transfer: nixl backend" in logs["rank-2.log"]
+    m = re.search(r"KV transfers: (\d+) verified, (\d+) failed", logs["rank-2.log"])
+    assert m and m.groups() == ("4", "0"), logs["rank-2.log"][-3000:]
+    assert "'exports_done': 4" in logs["rank-1.log"], logs["rank-1.log"][-3000:]
+
+    agg = LocalDeployment(tmp_path, config(workers=1), name="agg").start()
+    try:
+        want = answers(agg)
+    finally:
+        assert agg.stop() == 0, agg.output()
+        agg.kill()
+    assert [r.choices[0].text for r in got] == [r.choices[0].text for r in want]
