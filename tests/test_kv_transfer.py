@@ -336,48 +336,70 @@ def test_sim_decode_pulls_verifies_and_falls_back_to_local_prefill(model_dir):
         peer.kill()
 
 
-def test_disaggregated_deployment_moves_and_verifies_real_kv(tiny_model_dir, tmp_path):
+PROMPTS = [f"kv transfer {i} " + "the quick brown fox . " * (4 + 3 * i) for i in range(4)]
+
+
+def _deployment_config(model_dir, backend="auto", **pools):
+    return {"model": {"path": str(model_dir), "name": "tiny-llama", "max_model_len": 512},
+            "engine": {"kind": "sim", "sim": {"speedup": 10.0, "num_kv_blocks": 256, "block_size": 16,
+                                              "kv_transfer": backend}},
+            "pools": pools,
+            # always prefill remotely, however short the prompt (conditional disaggregation off)
+            "router": {"host": "127.0.0.1", "port": 0, "policy": "round_robin",
+                       "disagg": {"min_uncached_tokens": 0, "min_uncached_fraction": 0.0}},
+            "runtime": {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 1.5}}
+
+
+def _answers(dep):
+    c = dep.client()
+    return [c.completions.create(model="tiny-llama", prompt=p, max_tokens=8, extra_body={"ignore_eos": True})
+            for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def aggregated_texts(tiny_model_dir, tmp_path_factory):
+    from slurmserve.launcher.local_deployment import LocalDeployment
+    agg = LocalDeployment(tmp_path_factory.mktemp("agg"), _deployment_config(tiny_model_dir, workers=1)).start()
+    try:
+        return [r.choices[0].text for r in _answers(agg)]
+    finally:
+        assert agg.stop() == 0, agg.output()
+        agg.kill()
+
+
+@pytest.mark.parametrize("backend", ["nixl", "zmq"])
+def test_disaggregated_deployment_moves_and_verifies_real_kv(backend, aggregated_texts, tiny_model_dir, tmp_path):
     """1 prefill + 1 decode over mpirun: answers equal an aggregated deployment's, the decode rank
-    pulled every prompt's KV over NIXL and verified every byte."""
+    pulled every prompt's KV and verified every byte, the prefill rank was told of every read."""
     from slurmserve.launcher.local_deployment import LocalDeployment
     from slurmserve.launcher.local_deployment import metric_value as metric
 
-    from slurmserve.config import RouterConfig
-
-    def config(**pools):
-        router = {"host": "127.0.0.1", "port": 0, "policy": "round_robin"}
-        if "disagg" in RouterConfig.model_fields:    # conditional disaggregation: always remote here
-            router["disagg"] = {"min_uncached_tokens": 0, "min_uncached_fraction": 0.0}
-        return {"model": {"path": str(tiny_model_dir), "name": "tiny-llama", "max_model_len": 512},
-                "engine": {"kind": "sim", "sim": {"speedup": 10.0, "num_kv_blocks": 256, "block_size": 16}},
-                "pools": pools, "router": router,
-                "runtime": {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 1.5}}
-
-    prompts = [f"kv transfer {i} " + "the quick brown fox . " * (4 + 3 * i) for i in range(4)]
-
-    def answers(dep):
-        c = dep.client()
-        return [c.completions.create(model="tiny-llama", prompt=p, max_tokens=8,
-                                     extra_body={"ignore_eos": True}) for p in prompts]
-
-    dep = LocalDeployment(tmp_path, config(prefill=1, decode=1), name="disagg").start()
+    dep = LocalDeployment(tmp_path, _deployment_config(tiny_model_dir, backend, prefill=1, decode=1)).start()
     try:
-        got = answers(dep)
+        got = _answers(dep)
         assert all(r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens for r in got)
         assert metric(dep.metrics(), "slurmserve:disagg_requests_total", path="remote_prefill") == 4
     finally:
         assert dep.stop() == 0, dep.output()
         dep.kill()
+    assert [r.choices[0].text for r in got] == aggregated_texts
     logs = {p.name: p.read_text() for p in (dep.dir / "logs").glob("rank-*.log")}
-    assert "KV transfer: nixl backend" in logs["rank-2.log"]
+    assert f"KV transfer: {backend} backend" in logs["rank-2.log"]
     m = re.search(r"KV transfers: (\d+) verified, (\d+) failed", logs["rank-2.log"])
     assert m and m.groups() == ("4", "0"), logs["rank-2.log"][-3000:]
     assert "'exports_done': 4" in logs["rank-1.log"], logs["rank-1.log"][-3000:]
 
-    agg = LocalDeployment(tmp_path, config(workers=1), name="agg").start()
-    try:
-        want = answers(agg)
-    finally:
-        assert agg.stop() == 0, agg.output()
-        agg.kill()
-    assert [r.choices[0].text for r in got] == [r.choices[0].text for r in want]
+
+def _auto_backend_without_nixl(conn) -> None:
+    import sys
+    sys.modules["nixl"] = sys.modules["nixl._api"] = None     # `import nixl` now raises ImportError
+    with create_kv_transfer("auto", name="x", host="127.0.0.1", port=0, num_blocks=2, block_bytes=64,
+                            curve_keys=keypair(), peer_keys={}) as t:
+        conn.send(t.backend)
+
+
+def test_auto_backend_is_zeromq_without_nixl():
+    peer = Peer(_auto_backend_without_nixl)
+    assert peer.port == "zmq"          # the first message is the backend `auto` picked
+    peer.proc.join(30)
+    assert peer.proc.exitcode == 0
