@@ -86,6 +86,12 @@ class Peer:
         self.proc.join(10)
         assert self.proc.exitcode == 0, f"peer exited with {self.proc.exitcode}"
 
+    def pause(self) -> None:
+        """SIGSTOP, and wait until the kernel shows the process stopped."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        while open(f"/proc/{self.proc.pid}/stat").read().rpartition(")")[2].split()[0] not in "Tt":
+            time.sleep(0.001)
+
     def kill(self) -> None:
         if self.proc.is_alive():
             os.kill(self.proc.pid, signal.SIGKILL)      # also ends a stopped process, without running it
@@ -156,7 +162,7 @@ def test_peer_killed_mid_transfer_then_agent_re_added():
         ids = list(range(32))
         t.import_(peer.call("export", "warm", ids, tokens), ids)
         params = peer.call("export", "victim", ids, tokens)
-        os.kill(peer.proc.pid, signal.SIGSTOP)     # the exporter stops progressing: the READ stays in flight
+        peer.pause()                       # the exporter stops progressing: the READ stays in flight
         fut = t.import_async(params, list(range(32, 64)))
         while t.in_flight == 0 and not fut.done():
             time.sleep(0.001)
@@ -177,19 +183,32 @@ def test_peer_killed_mid_transfer_then_agent_re_added():
         peer.kill()
 
 
-def _answer(endpoint: str, curve_server_key: bytes | None) -> bool:
-    """Ask for the NIXL metadata like a stranger would; True if any answer comes within 1.5 s."""
+def _ask_for_metadata(endpoint: str, curve_server_key: bytes | None) -> bool:
+    """Ask for the NIXL metadata like a stranger would; True if the side channel answered. Waits for
+    the handshake's outcome (a ZeroMQ monitor event), then, if it succeeded, for the answer."""
+    from zmq.utils.monitor import recv_monitor_message
+    failed = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+              zmq.EVENT_HANDSHAKE_FAILED_AUTH}
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     if curve_server_key is not None:
         s.curve_serverkey = curve_server_key
         s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+    mon = s.get_monitor_socket()
     s.connect(endpoint)
     s.send(b"MD")
-    answered = bool(s.poll(1500))
+    outcome = None
+    while outcome is None and mon.poll(30_000):
+        event = recv_monitor_message(mon)["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED or event in failed:
+            outcome = event
+    answered = outcome == zmq.EVENT_HANDSHAKE_SUCCEEDED and bool(s.poll(30_000))
+    s.disable_monitor()
+    mon.close(linger=0)
     s.close(linger=0)
     ctx.term()
+    assert outcome is not None, "no handshake outcome"
     return answered
 
 
@@ -200,9 +219,9 @@ def test_side_channel_refuses_peers_without_the_key(backend):
     endpoint = f"tcp://127.0.0.1:{peer.port}"
     try:
         params = peer.call("export", "r", [1, 2], list(range(32)))
-        assert not _answer(endpoint, None)                    # plain ZeroMQ
-        assert not _answer(endpoint, keypair()[0])            # CURVE with a guessed key
-        assert _answer(endpoint, pk[0])                       # the job's key (sanity)
+        assert not _ask_for_metadata(endpoint, None)            # plain ZeroMQ: handshake fails
+        assert not _ask_for_metadata(endpoint, keypair()[0])    # CURVE with a guessed key: fails
+        assert _ask_for_metadata(endpoint, pk[0])               # the job's key (sanity)
         with decode_side(backend, {peer.port: keypair()[0]}, handshake_timeout_s=1.0) as wrong:
             with pytest.raises(KVTransferError, match="no answer"):
                 wrong.import_(params, [1, 2])
@@ -305,7 +324,7 @@ def test_sim_decode_pulls_verifies_and_falls_back_to_local_prefill(model_dir):
             prompt2 = list(range(300, 300 + 100))
             _, expect2 = await _run(agg, "a2", prompt2, 12)
             kv2 = peer.call("prefill", "p2", prompt2)
-            os.kill(peer.proc.pid, signal.SIGSTOP)
+            peer.pause()
             task = asyncio.create_task(_run(dec, "d2", prompt2, 12, kv2))
             while dec.kv_transfer.in_flight == 0 and not task.done():
                 await asyncio.sleep(0.001)
