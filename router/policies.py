@@ -12,6 +12,7 @@ import random
 from typing import Protocol, Sequence
 
 from slurmserve.kvfabric.block_hash import BlockHasher, event_hash
+from slurmserve.kvfabric.kv_index import ApproxKVIndex
 
 
 class Candidate(Protocol):
@@ -104,13 +105,17 @@ class KVAware:
     minimum, which spreads ties and near-ties.
     """
 
-    def __init__(self, index, prefill_load_scale: float = 1.0, busy_threshold: float = 0.95,
-                 temperature: float = 0.0, record_decisions: bool = False, seed: int | None = None):
+    def __init__(self, index, prefill_load_scale: float = 6.0, busy_threshold: float = 0.95,
+                 temperature: float = 0.0, record_decisions: bool = False, seed: int | None = None,
+                 in_flight_ttl_s: float = 2.0):
         self.index = index
         self.prefill_load_scale = prefill_load_scale
         self.busy_threshold = busy_threshold
         self.temperature = temperature
         self.record_decisions = record_decisions     # approximate mode: the index learns from us
+        # An engine reports a prompt's blocks only once it has prefilled them; until then the
+        # prefixes we just routed live here, so that a burst of one prefix does not scatter.
+        self.in_flight = None if record_decisions else ApproxKVIndex(in_flight_ttl_s)
         self._rng = random.Random(seed)
         self._turn = 0
 
@@ -121,14 +126,18 @@ class KVAware:
             return min(free, key=lambda c: (c.inflight, c.index))
         hashes = route.hashes(bs)
         prompt_blocks = route.prompt_blocks(bs)
-        overlap = self.index.overlap(hashes, [c.index for c in free])
+        indexes = [c.index for c in free]
+        overlap = self.index.overlap(hashes, indexes)
+        if self.in_flight is not None and len(self.in_flight):
+            for i, n in self.in_flight.overlap(hashes, indexes).items():
+                if n > overlap[i]:
+                    overlap[i] = n
         scale = self.prefill_load_scale
         costs = [scale * max(c.prefill_blocks + prompt_blocks - overlap[c.index], 0)
                  + c.decode_blocks + prompt_blocks for c in free]
         chosen = free[self._pick(costs)]
         route.overlap_blocks = overlap[chosen.index]
-        if self.record_decisions:
-            self.index.record(chosen.index, hashes)
+        (self.index if self.record_decisions else self.in_flight).record(chosen.index, hashes)
         return chosen
 
     def _pick(self, costs: list[float]) -> int:

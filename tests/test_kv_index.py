@@ -132,19 +132,34 @@ def test_kv_policy_trades_overlap_against_load():
     idx = KVIndex()
     prompt = list(range(64))                      # 16 blocks
     idx.apply(1, [stored(block_hashes(prompt, BS)[:12])])
-    pol = KVAware(idx)
     a, b = Inst(0), Inst(1)
-    route = Route(prompt, PrefixHasher())
-    assert pol.choose([a, b], route) is b and route.overlap_blocks == 12
+
+    def choose():   # a fresh policy each time: no memory of the previous decision
+        route = Route(prompt, PrefixHasher())
+        return KVAware(idx, prefill_load_scale=1.0).choose([a, b], route), route
+
+    chosen, route = choose()
+    assert chosen is b and route.overlap_blocks == 12
     # b is busy prefilling: 12 cached blocks no longer outweigh its queue
     b.prefill_blocks = 30
-    assert pol.choose([a, b], Route(prompt, PrefixHasher())) is a
+    assert choose()[0] is a
     # b's KV is nearly full: it is passed over whatever it caches
     b.prefill_blocks, b.kv_usage = 0, 0.97
-    assert pol.choose([a, b], Route(prompt, PrefixHasher())) is a
+    assert choose()[0] is a
     # ...unless everyone is
     a.kv_usage = 0.99
-    assert pol.choose([a, b], Route(prompt, PrefixHasher())) is b
+    assert choose()[0] is b
+
+
+def test_kv_policy_remembers_prefixes_it_routed_until_events_arrive():
+    """Requests for a prefix that an instance has just prefilled follow it there, although its KV
+    events have not reached the head yet."""
+    pol = KVAware(KVIndex())
+    insts = [Inst(i) for i in range(4)]
+    prompt = list(range(64))
+    first = pol.choose(insts, Route(prompt, PrefixHasher()))
+    first.decode_blocks += 16      # the head's account of the first request, past its first token
+    assert {pol.choose(insts, Route(prompt + [9], PrefixHasher())).index for _ in range(3)} == {first.index}
 
 
 def test_kv_policy_temperature_spreads_ties_and_approximate_mode_records():
