@@ -131,7 +131,8 @@ class Head:
         app = HeadApp(orchestrator=orchestrator,
                       tokenizer=tokenizer, metrics=metrics, model_name=cfg.model.served_name,
                       max_model_len=cfg.model.max_model_len, api_key=api_key,
-                      max_concurrent=cfg.router.max_concurrent_requests)
+                      max_concurrent=cfg.router.max_concurrent_requests,
+                      session_header=cfg.router.session_header)
 
         address = (cfg.router.host or world.head.address, cfg.router.port)
         try:

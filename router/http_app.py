@@ -30,8 +30,10 @@ _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")
 
 class HeadApp:
     def __init__(self, *, orchestrator: Orchestrator, tokenizer: Tokenizer, metrics: HeadMetrics,
-                 model_name: str, max_model_len: int, api_key: str, max_concurrent: int = 4096):
+                 model_name: str, max_model_len: int, api_key: str, max_concurrent: int = 4096,
+                 session_header: str | None = None):
         self.orch = orchestrator
+        self.session_header = session_header.lower().encode() if session_header else None
         self.tok = tokenizer
         self.metrics = metrics
         self.model_name = model_name
@@ -157,7 +159,10 @@ class HeadApp:
         self.inflight += 1
         self.metrics.running.inc()
         watcher = _DisconnectWatcher(receive)
-        deltas = self.orch.generate(rid, prompt, params)
+        session = None
+        if self.session_header is not None:
+            session = next((v for k, v in scope["headers"] if k == self.session_header), None)
+        deltas = self.orch.generate(rid, prompt, params, session)
         try:
             try:
                 first = await anext(deltas)   # no response has started yet: errors are still 4xx/5xx

@@ -29,6 +29,8 @@ from slurmserve.runtime import protocol as P
 
 log = logging.getLogger(__name__)
 
+MAX_SESSIONS = 100_000   # session-affinity entries kept (least recently used go first)
+
 REMOTE_DECODE = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                  "remote_block_ids": None, "remote_host": None, "remote_port": None}
 
@@ -45,22 +47,24 @@ class Orchestrator:
         self.disagg = disagg or DisaggConfig()
         self.busy_threshold = busy_threshold
         self.prefill_timeout_s = prefill_timeout_s
+        self.sessions: dict[bytes, Instance] = {}   # session affinity, least recently used first
 
     def ready(self) -> bool:
         return self.client.all_ready()
 
-    async def generate(self, req_id: str, prompt: list[int], params: P.SamplingParams
-                       ) -> AsyncIterator[P.Delta]:
-        """Deltas of the request; raises NoInstanceError before the first one if no engine can take it."""
+    async def generate(self, req_id: str, prompt: list[int], params: P.SamplingParams,
+                       session: bytes | None = None) -> AsyncIterator[P.Delta]:
+        """Deltas of the request; raises NoInstanceError before the first one if no engine can take it.
+        Requests of one `session` (a client-chosen id) stay on one instance while it lives."""
         route = Route(prompt, self.hasher)
         kv_params = None
         if self.disaggregated:
-            inst = self.client.choose("decode", route)
+            inst = self._choose("decode", route, session)
             uncached = self._uncached_blocks(route, inst)
             if self._remote_prefill_pays(route, inst, uncached):
                 kv_params = await self._prefill(req_id, prompt, params, route)
         else:
-            inst = self.client.choose("worker", route)
+            inst = self._choose("worker", route, session)
             uncached = route.prompt_blocks(inst.block_size) - route.overlap_blocks
         if kv_params is not None:
             uncached = 0     # the decode instance only pulls KV; it computes nothing
@@ -80,6 +84,18 @@ class Orchestrator:
                 inst.prefill_blocks -= uncached
             inst.decode_blocks -= held
             self.client.release(stream)
+
+    def _choose(self, role: str, route: Route, session: bytes | None) -> Instance:
+        if session is None:
+            return self.client.choose(role, route)
+        sessions = self.sessions
+        inst = sessions.pop(session, None)
+        if inst is None or not inst.up:
+            inst = self.client.choose(role, route)
+        sessions[session] = inst           # most recently used last
+        if len(sessions) > MAX_SESSIONS:
+            del sessions[next(iter(sessions))]
+        return inst
 
     def _uncached_blocks(self, route: Route, inst: Instance) -> int:
         """Prompt blocks `inst` would have to compute itself, by the fleet KV index."""

@@ -124,6 +124,9 @@ class RouterConfig(_Strict):
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
     policy: Literal["round_robin", "least_loaded", "kv"] = "round_robin"
     kv: KVRoutingConfig = Field(default_factory=KVRoutingConfig)
+    session_header: str | None = Field(
+        None, description="Session affinity: requests carrying this header (e.g. x-session-id) with "
+                          "the same value go to the same instance while it lives, whatever the policy.")
     disagg: DisaggConfig = Field(default_factory=DisaggConfig)
     request_timeout_s: float = Field(600.0, gt=0)
     max_concurrent_requests: int = Field(4096, gt=0)

@@ -24,7 +24,7 @@ def sim_config(model_dir, **pools):
         "model": {"path": str(model_dir), "name": MODEL, "max_model_len": 512},
         "engine": {"kind": "sim", "sim": {"speedup": 1.0, "num_kv_blocks": 256, "block_size": 16}},
         "pools": pools or {"workers": 4},
-        "router": {"host": "127.0.0.1", "port": 0, "policy": "round_robin"},
+        "router": {"host": "127.0.0.1", "port": 0, "policy": "round_robin", "session_header": "X-Session-Id"},
         "runtime": {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 1.5},
     }
 
@@ -88,6 +88,26 @@ def test_token_id_prompt_and_prefix_cache(agg):
                                    extra_body={"ignore_eos": True}).usage.prompt_tokens_details.cached_tokens
               for _ in range(4)]
     assert max(cached) >= 96
+
+
+def test_session_affinity_header(agg):
+    """Round robin would spread a conversation's turns over the 4 workers; with the session header
+    every turn lands where the previous ones are cached."""
+    c = agg.client()
+    history = random_tokens(64, seed=11)
+
+    def turn(session):
+        nonlocal history
+        history = history + random_tokens(16, seed=len(history))
+        headers = {"x-session-id": session} if session else {}
+        return c.completions.create(model=MODEL, prompt=history, max_tokens=1, extra_headers=headers,
+                                    extra_body={"ignore_eos": True}).usage.prompt_tokens_details.cached_tokens
+
+    turn("conversation-1")
+    assert min(turn("conversation-1") for _ in range(6)) >= 64   # every earlier turn was cached
+    history = random_tokens(64, seed=12)
+    turn(None)
+    assert min(turn(None) for _ in range(6)) < 64    # control: without it, turns land elsewhere
 
 
 def test_stop_string(agg):
