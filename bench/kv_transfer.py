@@ -9,7 +9,8 @@ For each block size and batch (blocks per pull) three paths move the same scatte
                (one-time CURVE side-channel handshake, bounds checks, per-pull export and
                notification bookkeeping, spin-then-sleep wait).
 Both NIXL paths read from one exporter process whose KVTransfer service thread progresses UCX
-(`get_new_notifs`) every 50 µs while exports are outstanding, so both pay the same passive side.
+(`get_new_notifs`) every 50 µs while exports are outstanding and a read notified it in the last
+50 ms (pulls follow one another here, so it stays at that rate), so both pay the same passive side.
 Block ids are a fixed random permutation (engines' blocks are scattered), the same for all paths.
 Each cell is the median of repeated pulls; GB/s = bytes / median latency (1 GB = 1e9 bytes).
 """
