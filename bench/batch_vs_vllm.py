@@ -7,8 +7,8 @@ model, max_model_len and `engine.args` (as `--flag value`). Both read one genera
 system prompt, distinct questions, greedy sampling) and run one after the other, `--repeats` times,
 alternating. Reported per system: the median end-to-end wall time (process start to exit, engine start
 included, as a user sees it), completion tokens per second over that time, and for slurmserve also its
-own generation-phase throughput (from the engines being up to the last record; vLLM's run_batch reports
-none). Outputs must be identical (message content, finish reason, token counts); the script says so.
+generation-phase throughput: slurmserve's from its summary (engines up to last record), vLLM's from
+run_batch's progress bar (whole seconds). Outputs must be identical (message content, finish reason, token counts); the script says so.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -79,6 +80,16 @@ def essentials(path: Path) -> dict:
     return out
 
 
+def vllm_generation_s(log: Path) -> float | None:
+    """run_batch's own progress bar: the elapsed time of its last `Running batch` update (whole
+    seconds: the file must be long enough for that to be precise)."""
+    last = None
+    for m in re.finditer(r"Running batch: 100%[^\[]*\[(\d+):(\d+)(?::(\d+))?<", log.read_text(errors="replace")):
+        a, b, c = m.groups()
+        last = int(a) * 60 + int(b) if c is None else int(a) * 3600 + int(b) * 60 + int(c)
+    return float(last) if last else None
+
+
 def timed(cmd: list[str], env: dict, log: Path) -> float:
     t0 = time.perf_counter()
     with open(log, "wb") as f:
@@ -113,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             (work / f"{system}-{k}.summary.json").unlink(missing_ok=True)
             if system == "vllm":
                 wall = timed(vllm_command(cfg, inp, out), env, work / f"{system}-{k}.log")
-                gen = None
+                gen = {"wall_s": vllm_generation_s(work / f"{system}-{k}.log")}
             else:
                 wall = timed([sys.executable, "-m", "slurmserve", "batch", args.config, "-i", str(inp),
                               "-o", str(out)], env, work / f"{system}-{k}.log")
@@ -136,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             g = statistics.median(gens)
             result[system]["median_generation_s"] = round(g, 2)
             result[system]["generation_completion_tokens_per_s"] = round(rs[0]["completion_tokens"] / g, 1)
+    if "generation_completion_tokens_per_s" in result["vllm"]:
+        result["ratio_generation"] = round(result["slurmserve"]["generation_completion_tokens_per_s"]
+                                           / result["vllm"]["generation_completion_tokens_per_s"], 3)
     result["ratio_end_to_end"] = round(result["slurmserve"]["completion_tokens_per_s"]
                                        / result["vllm"]["completion_tokens_per_s"], 3)
     print(json.dumps(result, indent=2))

@@ -18,12 +18,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from slurmserve.launcher import batch_files as bf
+from slurmserve.launcher.local_deployment import metric_value as metric
 from slurmserve.launcher.local_deployment import processes_matching, shm_files
 
 MODEL = "tiny-llama"
@@ -313,7 +315,7 @@ def test_kill9_at_random_points_resumes_exactly_once(tiny_model_dir, tmp_path):
     out = tmp_path / "out.jsonl"
     rng = random.Random(1234)
     log = open(tmp_path / "runs.log", "wb")
-    progress = []
+    progress, scraped = [], None
     try:
         for k in range(10):
             before = len(out.read_bytes().splitlines()) if out.exists() else 0
@@ -327,6 +329,8 @@ def test_kill9_at_random_points_resumes_exactly_once(tiny_model_dir, tmp_path):
                 if size >= target:
                     break
                 time.sleep(0.01)
+            if k >= 5 and scraped is None and target > before:   # once, while it runs: /metrics
+                scraped = scrape(tmp_path / "logs")
             time.sleep(rng.uniform(0, 0.2))   # ... and somewhere inside a checkpoint's write
             assert proc.poll() is None, "the run ended before it was killed: make the file longer"
             _kill_run(cfg)
@@ -344,10 +348,25 @@ def test_kill9_at_random_points_resumes_exactly_once(tiny_model_dir, tmp_path):
     # kills landed at different points of the run (most after some records, before the end)
     assert len(set(progress)) >= 4 and progress[-1] < n, progress
     assert summary["skipped"] == progress[-1], progress    # every complete record survived
+    assert scraped is not None, progress
+    assert metric(scraped, "slurmserve:batch_lines") == n
+    assert metric(scraped, "slurmserve:batch_records_total", status="skipped") > 0
+    assert metric(scraped, "slurmserve:batch_records_total", status="ok") >= 1
+    assert metric(scraped, "slurmserve:batch_completion_tokens_total") >= 32
+    assert metric(scraped, "slurmserve:batch_requests_in_flight") <= 4
     raw = out.read_bytes()
     assert raw.endswith(b"\n")
     got = answers(out)              # every line parses; each custom_id once (asserted inside)
     assert len(records(out)) == n and got == reference
+
+
+def scrape(log_dir: Path) -> str:
+    info = json.loads((log_dir / "endpoint.json").read_text())
+    key = Path(info["api_key_file"]).read_text().strip()
+    req = urllib.request.Request(f"http://{info['host']}:{info['port']}/metrics",
+                                 headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read().decode()
 
 
 def records_tolerant(path: Path) -> list[bytes]:

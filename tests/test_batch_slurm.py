@@ -72,3 +72,23 @@ def test_preempted_batch_job_requeues_and_completes(cluster, tmp_path, tiny_mode
     assert summary["complete"] and summary["skipped"] >= at_signal and summary["ok"] >= 1, summary
     assert registry.read_entry(job)["status"] == "exited"
     assert_nothing_left(job, str(cfg))
+
+
+@pytest.mark.slurm
+def test_submitit_batch_job(cluster, tmp_path, tiny_model_dir):  # noqa: F811
+    import submitit
+    from slurmserve.launcher.submitit_launch import launch_batch
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [line(f"s{i}", i) for i in range(12)] + ["not json"])
+    ex = submitit.AutoExecutor(folder=tmp_path / "submitit")
+    ex.update_parameters(timeout_min=10, slurm_partition=cluster)
+    dep = launch_batch(sim_dict(tiny_model_dir, tmp_path / "logs", workers=2), ex, inp, tmp_path / "out.jsonl",
+                       errors=tmp_path / "err.jsonl", nodes=2)
+    deadline = time.monotonic() + 240
+    while job_state(dep.job_id).active and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job_state(dep.job_id).state == "COMPLETED", dep.job.stdout()
+    assert sorted(r["custom_id"] for r in records(tmp_path / "out.jsonl")) == sorted(f"s{i}" for i in range(12))
+    assert [r["error"]["line"] for r in records(tmp_path / "err.jsonl")] == [13]
+    assert json.loads((tmp_path / "out.summary.json").read_text())["complete"]
+    assert_nothing_left(dep.job_id, str(tmp_path / "submitit"))
