@@ -51,7 +51,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--prefix-len", type=int, default=1024)
     data.add_argument("--suffix-len", type=int, default=128)
     data.add_argument("--turns", type=int, default=4)
-    data.add_argument("--vocab", type=int, default=400, help="token ids are drawn below this")
+    data.add_argument("--block-tokens", type=int, default=512, help="mooncake: tokens per hash id")
+    data.add_argument("--tokenizer", type=Path,
+                      help="the served model's directory (its tokenizer): ids from its vocabulary, chat "
+                           "prompts of exact token counts, ShareGPT replies counted in tokens")
+    data.add_argument("--vocab", type=int, default=400, help="without --tokenizer: token ids are drawn below this")
     data.add_argument("--seed", type=int, default=0)
     out = p.add_argument_group("output")
     out.add_argument("--goodput", nargs="+", metavar="SLO", help="e.g. ttft:200 tpot:50 e2e:5000 (ms)")
@@ -61,13 +65,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--result-json", type=Path)
 
 
+def load_tokenizer(path: Path | None):
+    if path is None:
+        return None
+    from slurmserve.router.tokenizer import Tokenizer
+    return Tokenizer(Path(path).expanduser())
+
+
 def build_specs(a) -> list:
     try:
         return datasets.build(a.dataset, a.num_prompts + a.warmup, input_len=a.input_len,
                               output_len=a.output_len, range_ratio=a.range_ratio,
                               num_prefixes=a.num_prefixes, prefix_len=a.prefix_len,
                               suffix_len=a.suffix_len, turns=a.turns, vocab=a.vocab, seed=a.seed,
-                              dataset_path=a.dataset_path)
+                              dataset_path=a.dataset_path, block_tokens=a.block_tokens,
+                              tokenizer=load_tokenizer(a.tokenizer))
     except ValueError as e:
         raise SystemExit(f"slurmserve bench: {e}") from None
 

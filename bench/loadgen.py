@@ -28,6 +28,9 @@ class Result:
     output_tokens: int = 0
     cached_tokens: int = 0
     error: str = ""
+    index: int = -1                          # position of its RequestSpec in the list sent
+    expected_prompt_tokens: int | None = None   # the spec's prompt_len
+    inflight: int = 0                        # requests in flight when it started, itself included
 
     @property
     def tpot(self) -> float:
@@ -97,63 +100,86 @@ async def run_load(base: str, api_key: str, model: str, specs: list[RequestSpec]
                    concurrency: int | None = None, rate: float | None = None, burstiness: float = 1.0,
                    duration_s: float | None = None, seed: int = 0, ignore_eos: bool = True,
                    on_result=None) -> tuple[list[Result], float]:
-    """Send `specs`; returns the results and the wall time. Bounded by len(specs) and duration_s."""
+    """Send `specs`; returns the results (in completion order) and the wall time.
+
+    Closed loop (no rate, no trace timestamps): `concurrency` users, each sending its next request
+    when its previous one finished, until the specs run out or `duration_s` has passed. Open loop:
+    requests arrive on `arrival_times` (trace timestamps, or gamma inter-arrivals at `rate`); every
+    request whose arrival falls within `duration_s` is sent, at most `concurrency` at a time.
+    Multi-turn sessions send a conversation's turns one after another."""
     limits = httpx.Limits(max_connections=(concurrency or 1024) + 8, max_keepalive_connections=None)
     headers = {"Authorization": f"Bearer {api_key}"}
     results: list[Result] = []
     sessions: dict[str, asyncio.Lock] = {}
     deadline = None if duration_s is None else time.perf_counter() + duration_s
+    inflight = 0
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits, headers=headers) as client:
-        async def fire(spec: RequestSpec) -> None:
-            if deadline is not None and time.perf_counter() > deadline:
-                return
+        async def fire(index: int, spec: RequestSpec) -> None:
+            nonlocal inflight
             lock = sessions.setdefault(spec.session, asyncio.Lock()) if spec.session else None
             if lock:
                 await lock.acquire()
+            inflight += 1
+            now_inflight = inflight
             try:
                 r = await one_request(client, base, model, spec, ignore_eos)
             finally:
+                inflight -= 1
                 if lock:
                     lock.release()
+            r.index, r.expected_prompt_tokens, r.inflight = index, spec.prompt_len, now_inflight
             results.append(r)
             if on_result:
                 on_result(r)
 
         start = time.perf_counter()
         if rate is None and all(s.at is None for s in specs):
-            queue = iter(specs)
+            queue = iter(enumerate(specs))
 
             async def user() -> None:
-                for spec in queue:
+                for index, spec in queue:
                     if deadline is not None and time.perf_counter() > deadline:
                         return
-                    await fire(spec)
+                    await fire(index, spec)
 
             await asyncio.gather(*(user() for _ in range(concurrency or 1)))
         else:
-            rng = random.Random(seed)
             sem = asyncio.Semaphore(concurrency) if concurrency else None
-            tasks, t = [], 0.0
-            for spec in specs:
-                if spec.at is not None:
-                    t = spec.at
-                else:   # gamma inter-arrivals with mean 1/rate; shape 1 is Poisson
-                    t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
-                delay = start + t - time.perf_counter()
-                if deadline is not None and start + t > deadline:
+            tasks = []
+            for index, (spec, t) in enumerate(zip(specs, arrival_times(specs, rate, burstiness, seed))):
+                if duration_s is not None and t > duration_s:
                     break
+                delay = start + t - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
 
-                async def gated(s=spec):
+                async def gated(i=index, s=spec):
                     if sem is None:
-                        return await fire(s)
+                        return await fire(i, s)
                     async with sem:
-                        await fire(s)
+                        await fire(i, s)
 
                 tasks.append(asyncio.create_task(gated()))
             await asyncio.gather(*tasks)
         return results, time.perf_counter() - start
+
+
+def arrival_times(specs: list[RequestSpec], rate: float | None, burstiness: float = 1.0,
+                  seed: int = 0) -> list[float]:
+    """Seconds after the start at which each request arrives in open loop: a spec's own `at`
+    (trace replay), else the previous arrival plus a gamma-distributed gap with mean 1/rate and
+    shape `burstiness` (1: Poisson arrivals; below 1: burstier; above 1: more regular)."""
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    for spec in specs:
+        if spec.at is not None:
+            t = spec.at
+        elif rate is None:
+            raise ValueError("open loop needs a rate for specs without timestamps")
+        else:
+            t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+        out.append(t)
+    return out
 
 
 def percentiles(xs: list[float], ps=(50, 90, 99)) -> dict:
@@ -183,7 +209,11 @@ def summarize(results: list[Result], wall_s: float, slos: dict[str, float] | Non
         "output_throughput": out_tokens / wall_s if wall_s else 0.0,
         "total_token_throughput": (out_tokens + prompt_tokens) / wall_s if wall_s else 0.0,
         "prompt_tokens": prompt_tokens, "output_tokens": out_tokens,
+        "cached_tokens": sum(r.cached_tokens for r in ok),
         "cached_fraction": (sum(r.cached_tokens for r in ok) / prompt_tokens) if prompt_tokens else None,
+        "prompt_tokens_mismatched": sum(1 for r in ok if r.expected_prompt_tokens is not None
+                                        and r.prompt_tokens != r.expected_prompt_tokens),
+        "max_concurrency": max((r.inflight for r in results), default=0),
         "ttft_ms": ms([r.ttft for r in ok]),
         "tpot_ms": ms([r.tpot for r in ok if r.output_tokens > 1]),
         "itl_ms": ms([x for r in ok for x in r.itls]),
@@ -191,10 +221,15 @@ def summarize(results: list[Result], wall_s: float, slos: dict[str, float] | Non
         "errors": sorted({r.error for r in results if not r.ok})[:10],
     }
     if slos:
-        def good(r: Result) -> bool:
-            return ((r.ttft * 1000 <= slos.get("ttft", float("inf")))
-                    and (r.tpot * 1000 <= slos.get("tpot", float("inf")))
-                    and (r.e2e * 1000 <= slos.get("e2e", float("inf"))))
-        summary["goodput"] = sum(good(r) for r in ok) / wall_s if wall_s else 0.0
+        n_good = sum(meets_slos(r, slos) for r in ok)
+        summary["goodput"] = n_good / wall_s if wall_s else 0.0
+        summary["slo_attainment"] = n_good / len(results) if results else None
         summary["slos_ms"] = slos
     return summary
+
+
+def meets_slos(r: Result, slos: dict[str, float]) -> bool:
+    """DistServe: a request is good when it meets every given limit (ms); TPOT of a one-token
+    answer is 0."""
+    return r.ok and all(value * 1000 <= slos[name] for name, value in
+                        (("ttft", r.ttft), ("tpot", r.tpot), ("e2e", r.e2e)) if name in slos)

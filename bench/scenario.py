@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from slurmserve.bench import datasets
+from slurmserve.bench.cli import load_tokenizer
 from slurmserve.bench.loadgen import run_load, summarize
 from slurmserve.bench.procstat import CpuSampler
 from slurmserve.config import apply_overrides
@@ -66,6 +67,7 @@ def run_scenario(path: Path, out_dir: Path, repeats: int | None = None) -> dict:
         cfg = _deployment_config(scenario, base_dir, overrides)
         with LocalDeployment(out_dir / "deployments", cfg, name=dep_name) as dep:
             key, info = dep.api_key, dep.info
+            tokenizer = load_tokenizer(cfg["model"]["path"])
             roots = {"head": info["pid"], **{f"{i['role']}{i['index']}": i["pid"] for i in info["instances"]}}
             for wl_name, wl in scenario["workloads"].items():
                 wl = dict(wl)
@@ -73,7 +75,7 @@ def run_scenario(path: Path, out_dir: Path, repeats: int | None = None) -> dict:
                 for load in scenario.get("loads", [{"concurrency": 8}]):
                     runs = []
                     for rep in range(repeats):
-                        specs = datasets.build(wl.get("dataset", "random"), n, seed=rep,
+                        specs = datasets.build(wl.get("dataset", "random"), n, seed=rep, tokenizer=tokenizer,
                                                **{k: v for k, v in wl.items() if k != "dataset"})
                         sampler = CpuSampler(roots)
                         sampler.start()
@@ -82,6 +84,8 @@ def run_scenario(path: Path, out_dir: Path, repeats: int | None = None) -> dict:
                         cpu = sampler.stop()
                         s = summarize(results, wall, scenario.get("goodput"))
                         s["cpu_ms_per_request"] = {k: v * 1000 / max(1, s["completed"]) for k, v in cpu.items()}
+                        s["samples_ms"] = {m: sorted(round(getattr(r, m) * 1000, 3) for r in results if r.ok)
+                                           for m in ("ttft", "e2e")}   # for the CDF plots
                         runs.append(s)
                     row = {"deployment": dep_name, "workload": wl_name, "load": load, "runs": runs,
                            "median": {m: _median([_get(r, m) for r in runs]) for m in HEADLINE}}
@@ -117,29 +121,58 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(report: dict, out_dir: Path) -> None:
+def _plots(report: dict, out_dir: Path) -> list[Path]:
+    """latency_cdf.png: TTFT and E2E CDFs of each row's median-throughput run; vs_load.png: request
+    throughput, TTFT p50 and E2E p99 (medians over runs) against the load, one line per
+    deployment x workload."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed (pip install 'slurmserve[bench]'): no plots written")
-        return
+        return []
+    written = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in report["rows"]:
         label = f"{r['deployment']} / {r['workload']} / " + ",".join(f"{k}={v}" for k, v in r["load"].items())
-        run = r["runs"][len(r["runs"]) // 2]
-        for ax, metric in zip(axes, ("ttft_ms", "e2e_ms")):
-            pts = [run[metric][p] for p in ("p50", "p90", "p99")]
-            ax.plot([50, 90, 99], pts, marker="o", label=label)
+        run = sorted(r["runs"], key=lambda x: x["request_throughput"])[len(r["runs"]) // 2]
+        for ax, metric in zip(axes, ("ttft", "e2e")):
+            xs = run.get("samples_ms", {}).get(metric) or []
+            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
     for ax, metric in zip(axes, ("TTFT", "E2E latency")):
-        ax.set_xlabel("percentile")
-        ax.set_ylabel(f"{metric} (ms)")
+        ax.set_xlabel(f"{metric} (ms)")
+        ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    written.append(_save(fig, out_dir / "latency_cdf.png"))
+
+    series: dict[str, list] = {}
+    for r in report["rows"]:
+        kind = "concurrency" if "concurrency" in r["load"] and "rate" not in r["load"] else "rate"
+        if kind in r["load"]:
+            series.setdefault(f"{r['deployment']} / {r['workload']}", []).append((kind, r["load"][kind], r["median"]))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for label, pts in series.items():
+        pts.sort(key=lambda p: p[1])
+        for ax, metric in zip(axes, ("request_throughput", "ttft_ms.p50", "e2e_ms.p99")):
+            ax.plot([p[1] for p in pts], [p[2][metric] for p in pts], marker="o", label=label)
+    kinds = {p[0] for pts in series.values() for p in pts}
+    for ax, name in zip(axes, ("requests/s", "TTFT p50 (ms)", "E2E p99 (ms)")):
+        ax.set_xlabel(" / ".join(sorted(kinds)) or "load")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    written.append(_save(fig, out_dir / "vs_load.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
     fig.tight_layout()
-    fig.savefig(out_dir / "latency_percentiles.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
 
 def register(bsub) -> None:
