@@ -154,6 +154,8 @@ def register(sub) -> None:
     register_scenario(bsub)
     from slurmserve.bench.kv_transfer import register as register_kv_transfer
     register_kv_transfer(bsub)
+    from slurmserve.bench.fleet_study import register as register_fleet
+    register_fleet(bsub)
 
 
 if __name__ == "__main__":
