@@ -15,3 +15,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny-model")
     make_tiny_model(d)
     return d
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_leftover_processes(request):
+    """Name a test module that leaves child processes running: they would outlive it and confuse
+    later modules' checks that an engine reaps what it started."""
+    import warnings
+
+    import psutil
+
+    before = set(psutil.Process().children(recursive=True))
+    yield
+    left = []
+    for p in psutil.Process().children(recursive=True):
+        if p not in before:
+            try:
+                left.append(f"{p.pid} {' '.join(p.cmdline())[:160]}")
+            except psutil.Error:   # ended meanwhile
+                pass
+    if left:
+        warnings.warn(f"{request.module.__name__} left child processes: {left}")
