@@ -113,7 +113,7 @@ class Head:
         try:
             return await self._serve(world, tokenizer, metrics, instances, client, kv_state)
         except Exception as e:
-            # Tell the workers, or they would wait for a head that is gone (rank_main ends the job).
+            # Tell the workers to stop, or they would wait for a head that is gone.
             await client.close(f"the head failed: {e}", grace_s=2.0)
             raise
 
