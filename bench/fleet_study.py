@@ -6,7 +6,7 @@ split of N. Per fleet the request rate is searched (`GoodputSearch`) for each SL
 answer is the best disaggregated rate against the best aggregated rate. Goodput is DistServe's:
 the highest request rate at which >= target (default 90%) of the requests meet both TTFT and TPOT.
 
-Output: results.json, summary.md (the table) and attainment.png (SLO attainment vs rate).
+Output: results.json, summary.md (the table) and goodput_vs_rate.png (goodput vs offered rate, one SLO pair).
 """
 
 from __future__ import annotations
@@ -138,14 +138,18 @@ def plot(study: dict, path: Path, slo: str | None = None) -> None:
     import matplotlib.pyplot as plt
     workloads = list(dict.fromkeys(c["workload"] for c in study["cells"]))
     slo = slo or list(study["slos_ms"])[len(study["slos_ms"]) // 2]
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.6), squeeze=False)
-    for ax, w in zip(axes[0], workloads):
+    cols = min(3, len(workloads))
+    rows = -(-len(workloads) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(workloads):]:
+        ax.set_visible(False)
+    for ax, w in zip(axes.flat, workloads):
         cell = next(c for c in study["cells"] if c["workload"] == w and c["slo"] == slo)
         for name in dict.fromkeys((cell["best_agg"], cell["best_disagg"])):
             row = next(r for r in study["rows"] if r["name"] == name and
                        f"{r['workload']['input_len']}/{r['workload']['output_len']}" == w)
             xs = [p["rate"] for p in row["curve"]]
-            ax.plot(xs, [p["attainment"][slo] * p["rate"] for p in row["curve"]], "o-", label=f"{name} goodput")
+            ax.plot(xs, [p["attainment"][slo] * p["rate"] for p in row["curve"]], "o-", label=name)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_title(f"{w} tokens, {slo} ms", fontsize=9)
         ax.set_xlabel("request rate (req/s, virtual time)")
@@ -163,7 +167,7 @@ def cmd_fleet(a) -> int:
     md = markdown(study) + "\n\nGoodput rate (req/s) of every fleet:\n\n" + split_table(study)
     (a.out / "summary.md").write_text(md + "\n")
     try:
-        plot(study, a.out / "attainment.png")
+        plot(study, a.out / "goodput_vs_rate.png")
     except ImportError:
         pass
     print(md)
