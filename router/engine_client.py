@@ -202,6 +202,8 @@ class EngineClient:
         self.metrics.instance_waiting.labels(*labels).set(load.waiting)
         self.metrics.instance_kv_usage.labels(*labels).set(load.kv_usage)
         self.metrics.instance_external_kv_tokens.labels(*labels).set(load.external_kv_tokens)
+        self.metrics.instance_prefix_cache_queries.labels(*labels).set(load.prefix_cache_queries)
+        self.metrics.instance_prefix_cache_hits.labels(*labels).set(load.prefix_cache_hits)
         if not inst.up and hb.ready:
             inst.up = inst.ever_up = True
             self.metrics.instance_up.labels(*labels).set(1)

@@ -44,6 +44,14 @@ class HeadMetrics:
             "slurmserve:instance_prompt_tokens_external_total",
             "Prompt tokens whose KV an instance received from another instance (heartbeat)",
             ["instance", "role"], registry=r)
+        self.instance_prefix_cache_queries = Gauge(
+            "slurmserve:instance_prefix_cache_queries_total",
+            "Prompt tokens an instance looked up in its prefix cache, since start (heartbeat)",
+            ["instance", "role"], registry=r)
+        self.instance_prefix_cache_hits = Gauge(
+            "slurmserve:instance_prefix_cache_hits_total",
+            "Prompt tokens an instance found in its prefix cache, since start (heartbeat)",
+            ["instance", "role"], registry=r)
         self.disagg = Counter("slurmserve:disagg_requests", "Disaggregated requests by path",
                               ["path"], registry=r)
         self.kv_events = Counter("slurmserve:kv_events", "KV events received from engines",

@@ -71,6 +71,8 @@ class Load(msgspec.Struct, omit_defaults=True):
     num_kv_blocks: int = 0
     block_size: int = 0
     external_kv_tokens: int = 0    # prompt tokens whose KV came from another instance, since start
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0     # ... and found there (vLLM's vllm:prefix_cache_queries / _hits)
 
 
 class Heartbeat(msgspec.Struct, tag=True):

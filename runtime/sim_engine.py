@@ -224,7 +224,8 @@ class SimEngine(Engine):
         # counters, for tests and metrics
         self.steps = 0
         self.num_preemptions = 0
-        self.prefix_hit_tokens = 0
+        self.prefix_hit_tokens = 0        # prompt tokens found in the prefix cache at admission...
+        self.prefix_query_tokens = 0      # ...out of these (vLLM's prefix_cache_hits / _queries)
         self.kv_transfers_verified = 0
         self.kv_transfers_failed = 0
 
@@ -270,7 +271,8 @@ class SimEngine(Engine):
     def load(self) -> Load:
         n = self.num_blocks
         return Load(running=len(self._running), waiting=len(self._waiting),
-                    kv_usage=(n - len(self._free)) / n, num_kv_blocks=n, block_size=self.block_size)
+                    kv_usage=(n - len(self._free)) / n, num_kv_blocks=n, block_size=self.block_size,
+                    prefix_cache_queries=self.prefix_query_tokens, prefix_cache_hits=self.prefix_hit_tokens)
 
     def abort(self, req_id: str) -> None:
         req = self._reqs.get(req_id)
@@ -545,6 +547,7 @@ class SimEngine(Engine):
         if remote and self.kv_transfer is not None and (req.kv_params or {}).get("remote_session"):
             req.remote = False          # if the pull fails or it is preempted, it is recomputed locally
             self.prefix_hit_tokens += hit_tokens
+            self.prefix_query_tokens += ntok
             self._pull_remote_kv(req, len(hits))
             return 0, 0.0
         if remote:
@@ -558,6 +561,7 @@ class SimEngine(Engine):
             if req.num_cached is None:
                 req.num_cached = hit_tokens
         self.prefix_hit_tokens += hit_tokens
+        self.prefix_query_tokens += ntok
         return n, transfer_ms
 
     def _preempt(self, req: _Req) -> None:

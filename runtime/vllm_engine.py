@@ -216,10 +216,12 @@ class _LoadSink:
     """The latest scheduler stats and running prompt-token totals, written by the stat logger on
     the output-handler task."""
 
-    __slots__ = ("running", "waiting", "kv_usage", "kv_connector_stats", "steps", "prompt_tokens")
+    __slots__ = ("running", "waiting", "kv_usage", "kv_connector_stats", "steps", "prompt_tokens",
+                 "prefix_cache_queries", "prefix_cache_hits")
 
     def __init__(self) -> None:
         self.running = self.waiting = self.steps = 0
+        self.prefix_cache_queries = self.prefix_cache_hits = 0
         self.kv_usage = 0.0
         self.kv_connector_stats: dict[str, Any] | None = None
         self.prompt_tokens = {"local_compute": 0, "local_cache_hit": 0, "external_kv_transfer": 0}
@@ -236,6 +238,10 @@ class _LoadSink:
         self.kv_usage = float(getattr(s, "kv_cache_usage", 0.0))
         if getattr(s, "kv_connector_stats", None):
             self.kv_connector_stats = s.kv_connector_stats
+        pcs = getattr(s, "prefix_cache_stats", None)   # this step's lookups (new requests only)
+        if pcs is not None:
+            self.prefix_cache_queries += int(getattr(pcs, "queries", 0))
+            self.prefix_cache_hits += int(getattr(pcs, "hits", 0))
         self.steps += 1
 
 
@@ -509,7 +515,8 @@ class VllmEngine(Engine):
             running = waiting = 0   # the engine idles after its last step; nothing is in flight
         return Load(running=running, waiting=waiting, kv_usage=s.kv_usage,
                     num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
-                    external_kv_tokens=s.prompt_tokens["external_kv_transfer"])
+                    external_kv_tokens=s.prompt_tokens["external_kv_transfer"],
+                    prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits)
 
     def stats(self) -> dict[str, Any]:
         """Counters beyond Load: prompt tokens by source since start (local_compute,

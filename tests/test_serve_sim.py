@@ -402,6 +402,15 @@ def test_kv_policy_follows_cached_prefixes_and_spreads_load(tiny_model_dir, tmp_
         for p in prefixes:
             assert cached(p) == 0
         assert [cached(p + [7, 8]) for p in prefixes for _ in range(3)] == [160] * 12
+        # the engines' own prefix-cache counters, mirrored from heartbeats, say the same
+        def engine_counts():
+            m = dep.metrics()
+            return [sum(metric(m, f"slurmserve:instance_prefix_cache_{kind}_total", instance=i)
+                        for i in range(4)) for kind in ("queries", "hits")]
+        deadline = time.time() + 5
+        while engine_counts() != [4 * 160 + 12 * 162, 12 * 160] and time.time() < deadline:
+            time.sleep(0.1)
+        assert engine_counts() == [4 * 160 + 12 * 162, 12 * 160]
         # four cold prefixes went to four different workers: load counts when no cache helps
         m = dep.metrics()
         assert sorted(metric(m, "slurmserve:kv_events_total", type="BlockStored", instance=i) > 0

@@ -194,6 +194,8 @@ def test_kv_events_and_prefix_cache(eng):
     req = EngineRequest("again", prompt, SamplingParams(max_tokens=4, temperature=0.0))
     deltas = eng.run(eng.collect(req))
     assert deltas[0].num_cached_tokens == 3 * BLOCK
+    load = eng.engine.load()    # vLLM's own prefix-cache counters, as the heartbeat carries them
+    assert load.prefix_cache_hits >= 3 * BLOCK and load.prefix_cache_queries >= load.prefix_cache_hits + len(prompt)
     assert [t for d in deltas for t in d.token_ids] == eng.offline[2][0][:4]
 
 
