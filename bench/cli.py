@@ -62,7 +62,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--cpu-pid", action="append", default=[], metavar="NAME=PID",
                      help="sample CPU time of this process tree (repeatable); with --endpoint-file "
                           "the head and engine ranks are sampled automatically")
-    out.add_argument("--result-json", type=Path)
+    out.add_argument("--result-json", type=Path,
+                     help="write the result here, with the markdown summary (.md) and TTFT/E2E CDFs "
+                          "(.latency_cdf.png) beside it")
 
 
 def load_tokenizer(path: Path | None):
@@ -119,9 +121,15 @@ def cmd_serve(a) -> int:
     summary["cpu_ms_per_request"] = {name: s * 1000 / n for name, s in cpu.items()}
     summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "func"}
     summary["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    if a.result_json:
+    table = markdown(summary)
+    if a.result_json:   # beside it: the markdown summary and the latency CDFs
+        from slurmserve.bench.scenario import latency_samples, plot_latency_cdfs
         a.result_json.write_text(json.dumps(summary, indent=2))
-    print(markdown(summary))
+        a.result_json.with_suffix(".md").write_text(table)
+        load = f"concurrency {a.concurrency}" if a.concurrency else f"rate {a.rate}/s"
+        plot_latency_cdfs({f"{a.model} / {a.dataset} / {load}": latency_samples(results)},
+                          a.result_json.with_suffix(".latency_cdf.png"))
+    print(table)
     return 0 if summary["failed"] == 0 else 1
 
 

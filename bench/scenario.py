@@ -84,8 +84,7 @@ def run_scenario(path: Path, out_dir: Path, repeats: int | None = None) -> dict:
                         cpu = sampler.stop()
                         s = summarize(results, wall, scenario.get("goodput"))
                         s["cpu_ms_per_request"] = {k: v * 1000 / max(1, s["completed"]) for k, v in cpu.items()}
-                        s["samples_ms"] = {m: sorted(round(getattr(r, m) * 1000, 3) for r in results if r.ok)
-                                           for m in ("ttft", "e2e")}   # for the CDF plots
+                        s["samples_ms"] = latency_samples(results)   # for the CDF plots
                         runs.append(s)
                     row = {"deployment": dep_name, "workload": wl_name, "load": load, "runs": runs,
                            "median": {m: _median([_get(r, m) for r in runs]) for m in HEADLINE}}
@@ -121,31 +120,53 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(report: dict, out_dir: Path) -> list[Path]:
-    """latency_cdf.png: TTFT and E2E CDFs of each row's median-throughput run; vs_load.png: request
-    throughput, TTFT p50 and E2E p99 (medians over runs) against the load, one line per
-    deployment x workload."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed (pip install 'slurmserve[bench]'): no plots written")
-        return []
-    written = []
+        return None
+    return plt
+
+
+def latency_samples(results) -> dict[str, list[float]]:
+    """Sorted TTFT and E2E of the successful requests, in ms: what the CDF plots draw."""
+    return {m: sorted(round(getattr(r, m) * 1000, 3) for r in results if r.ok) for m in ("ttft", "e2e")}
+
+
+def plot_latency_cdfs(curves: dict[str, dict[str, list[float]]], path: Path) -> Path | None:
+    """TTFT and E2E CDFs side by side, one curve per label (label -> latency_samples())."""
+    plt = _pyplot()
+    if plt is None:
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in report["rows"]:
-        label = f"{r['deployment']} / {r['workload']} / " + ",".join(f"{k}={v}" for k, v in r["load"].items())
-        run = sorted(r["runs"], key=lambda x: x["request_throughput"])[len(r["runs"]) // 2]
+    for label, samples in curves.items():
         for ax, metric in zip(axes, ("ttft", "e2e")):
-            xs = run.get("samples_ms", {}).get(metric) or []
+            xs = samples.get(metric) or []
             ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
     for ax, metric in zip(axes, ("TTFT", "E2E latency")):
         ax.set_xlabel(f"{metric} (ms)")
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    written.append(_save(fig, out_dir / "latency_cdf.png"))
+    return _save(fig, path)
+
+
+def _plots(report: dict, out_dir: Path) -> list[Path]:
+    """latency_cdf.png: TTFT and E2E CDFs of each row's median-throughput run; vs_load.png: request
+    throughput, TTFT p50 and E2E p99 (medians over runs) against the load, one line per
+    deployment x workload."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    curves = {}
+    for r in report["rows"]:
+        label = f"{r['deployment']} / {r['workload']} / " + ",".join(f"{k}={v}" for k, v in r["load"].items())
+        run = sorted(r["runs"], key=lambda x: x["request_throughput"])[len(r["runs"]) // 2]
+        curves[label] = run.get("samples_ms", {})
+    written = [plot_latency_cdfs(curves, out_dir / "latency_cdf.png")]
 
     series: dict[str, list] = {}
     for r in report["rows"]:

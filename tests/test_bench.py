@@ -257,6 +257,8 @@ def test_cli_result_json_has_documented_fields(dep, tiny_model_dir, tmp_path):
     documented = documented_fields()
     assert set(res) <= documented, set(res) - documented
     assert "| TTFT |" in p.stdout and "goodput" in p.stdout
+    assert out.with_suffix(".md").read_text() in p.stdout
+    assert out.with_suffix(".latency_cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---- scenarios -----------------------------------------------------------------------------------------
