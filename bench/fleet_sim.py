@@ -40,22 +40,19 @@ from slurmserve.config import DeploymentConfig, SimConfig
 from slurmserve.router.policies import LeastLoaded, RoundRobin
 from slurmserve.runtime.engine import EngineContext, EngineRequest
 from slurmserve.runtime.protocol import SamplingParams
-from slurmserve.runtime.sim_engine import SimEngine, _Req
+from slurmserve.runtime.sim_engine import SimEngine, _Req, decode_step_ms, prefill_step_ms
 
 POLICIES = {"least_loaded": LeastLoaded, "round_robin": RoundRobin}
 
 
 def step_prefill_ms(sim: SimConfig, tokens: int) -> float:
     """The step model's prefill cost of `tokens` prefill tokens in one step (as SimEngine charges)."""
-    a, b, c = sim.prefill_coeffs
-    return max(0.0, a * tokens * tokens + b * tokens + c)
+    return prefill_step_ms(sim.prefill_coeffs, tokens)
 
 
 def step_decode_ms(sim: SimConfig, used_blocks: int) -> float:
     """The step model's decode cost at `used_blocks` KV blocks in use (as SimEngine charges)."""
-    a, b, c = sim.decode_coeffs
-    u = used_blocks / sim.num_kv_blocks
-    return max(1.0, a * u * u + b * u + c)
+    return decode_step_ms(sim.decode_coeffs, used_blocks / sim.num_kv_blocks)
 
 
 @dataclass

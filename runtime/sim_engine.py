@@ -136,6 +136,18 @@ def read_model_info(model_dir: Path | str | None) -> tuple[int, list[int], set[i
     return vocab, [e for e in eos if 0 <= e < vocab], {s for s in specials if 0 <= s < vocab}
 
 
+def prefill_step_ms(coeffs: tuple[float, float, float], tokens: int) -> float:
+    """The step model's cost of computing `tokens` prefill tokens in one step."""
+    a, b, c = coeffs
+    return max(0.0, a * tokens * tokens + b * tokens + c)
+
+
+def decode_step_ms(coeffs: tuple[float, float, float], utilization: float) -> float:
+    """The step model's cost of a decode step at this KV utilization (0..1)."""
+    a, b, c = coeffs
+    return max(1.0, a * utilization * utilization + b * utilization + c)
+
+
 class _Req:
     __slots__ = ("req_id", "prompt_len", "tokens", "max_tokens", "min_tokens", "ignore_eos", "stop_ids",
                  "num_computed", "block_ids", "hashes", "num_stored", "num_cached", "num_out", "rng",
@@ -660,12 +672,9 @@ class SimEngine(Engine):
 
         ms = transfer_ms
         if prefill_tokens:
-            a, b, c = self.prefill_coeffs
-            ms += max(0.0, a * prefill_tokens * prefill_tokens + b * prefill_tokens + c)
+            ms += prefill_step_ms(self.prefill_coeffs, prefill_tokens)
         if decoding:
-            a, b, c = self.decode_coeffs
-            u = used / self.num_blocks
-            ms += max(1.0, a * u * u + b * u + c)
+            ms += decode_step_ms(self.decode_coeffs, used / self.num_blocks)
         self.steps += 1
         return ms
 
