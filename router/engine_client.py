@@ -54,31 +54,43 @@ class Instance:
 
 
 class DeltaStream:
-    """Deltas of one request on one instance, consumed with `async for`."""
+    """Deltas of one request on one instance, consumed with `async for`.
 
-    __slots__ = ("req_id", "instance", "_items", "_waiter", "done")
+    The consumer is woken for the first delta, for the last, and otherwise once `interval` tokens
+    have queued up (vLLM's stream interval); deltas that queued up meanwhile come merged as one, so
+    the head detokenizes and sends once per wake-up, not once per engine step.
+    """
 
-    def __init__(self, req_id: str, instance: Instance):
+    __slots__ = ("req_id", "instance", "interval", "_items", "_queued", "_first", "_waiter", "done")
+
+    def __init__(self, req_id: str, instance: Instance, interval: int = 1):
         self.req_id = req_id
         self.instance = instance
+        self.interval = interval
         self._items: deque[P.Delta] = deque()
+        self._queued = 0          # tokens in _items
+        self._first = True        # nothing handed out yet
         self._waiter: asyncio.Future | None = None
         self.done = False
 
     def push(self, delta: P.Delta) -> None:
         self._items.append(delta)
-        if self._waiter is not None and not self._waiter.done():
+        self._queued += len(delta.token_ids)
+        if self._waiter is not None and self._ready() and not self._waiter.done():
             self._waiter.set_result(None)
+
+    def _ready(self) -> bool:
+        items = self._items
+        return bool(items) and (self._first or self._queued >= self.interval
+                                or items[-1].finish_reason is not None)
 
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> P.Delta:
-        """The next delta; deltas that queued up while the consumer was busy come merged as one,
-        so a slow client costs one detokenize-and-send per wake-up, not one per engine step."""
         if self.done and not self._items:
             raise StopAsyncIteration
-        while not self._items:
+        while not self._ready():
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
@@ -86,19 +98,18 @@ class DeltaStream:
         delta = items.popleft()
         if items:
             delta = _merge(delta, items)
+        self._queued = sum(len(d.token_ids) for d in items) if items else 0
+        self._first = False
         if delta.finish_reason is not None:
             self.done = True
         return delta
 
 
 def _merge(first: P.Delta, rest: deque[P.Delta]) -> P.Delta:
-    tokens = list(first.token_ids)
-    last = first
-    while rest and last.finish_reason is None:
-        last = rest.popleft()
-        tokens += last.token_ids
-    return P.Delta(first.req_id, tokens, last.finish_reason, first.num_prompt_tokens,
-                   first.num_cached_tokens, last.error, last.kv_transfer_params)
+    run = [first]
+    while rest and run[-1].finish_reason is None:
+        run.append(rest.popleft())
+    return P.merge_deltas(run)
 
 
 class EngineClient:
@@ -156,11 +167,12 @@ class EngineClient:
     # ---- requests -------------------------------------------------------------------------------
 
     def submit(self, inst: Instance, req_id: str, prompt_token_ids: list[int], params: P.SamplingParams,
-               kv_transfer_params: dict | None = None) -> DeltaStream:
-        stream = DeltaStream(req_id, inst)
+               kv_transfer_params: dict | None = None, interval: int = 1) -> DeltaStream:
+        stream = DeltaStream(req_id, inst, interval)
         inst.streams[req_id] = stream
         self.streams[req_id] = stream
-        self.sock.send_to(inst.identity, P.encode(P.Generate(req_id, prompt_token_ids, params, kv_transfer_params)))
+        self.sock.send_to(inst.identity, P.encode(P.Generate(req_id, prompt_token_ids, params, kv_transfer_params,
+                                                               interval)))
         return stream
 
     def release(self, stream: DeltaStream) -> None:

@@ -24,6 +24,7 @@ from slurmserve.router.tokenizer import TextStream, Tokenizer
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20
+WHOLE_ANSWER = 1 << 30    # a stream interval no answer reaches
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
@@ -31,8 +32,9 @@ _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")
 class HeadApp:
     def __init__(self, *, orchestrator: Orchestrator, tokenizer: Tokenizer, metrics: HeadMetrics,
                  model_name: str, max_model_len: int, api_key: str, max_concurrent: int = 4096,
-                 session_header: str | None = None):
+                 session_header: str | None = None, stream_interval: int = 1):
         self.orch = orchestrator
+        self.stream_interval = stream_interval
         self.session_header = session_header.lower().encode() if session_header else None
         self.tok = tokenizer
         self.metrics = metrics
@@ -162,7 +164,11 @@ class HeadApp:
         session = None
         if self.session_header is not None:
             session = next((v for k, v in scope["headers"] if k == self.session_header), None)
-        deltas = self.orch.generate(rid, prompt, params, session)
+        # A whole answer needs waking only at the end, unless stop strings are watched as it grows.
+        # A request may raise the stream interval, not lower it (as in vLLM).
+        interval = max(self.stream_interval, req.stream_interval or 1) if req.stream or stops \
+            else WHOLE_ANSWER
+        deltas = self.orch.generate(rid, prompt, params, session, interval)
         try:
             try:
                 first = await anext(deltas)   # no response has started yet: errors are still 4xx/5xx

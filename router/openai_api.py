@@ -48,6 +48,7 @@ class _Common(Struct, kw_only=True, forbid_unknown_fields=False):
     min_tokens: Annotated[int, Meta(ge=0)] = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
+    stream_interval: Annotated[int, Meta(ge=1)] | None = None   # vLLM's: tokens per streamed chunk
     n: int = 1
     logprobs: Any = None
     user: str | None = None

@@ -53,9 +53,10 @@ class Orchestrator:
         return self.client.all_ready()
 
     async def generate(self, req_id: str, prompt: list[int], params: P.SamplingParams,
-                       session: bytes | None = None) -> AsyncIterator[P.Delta]:
+                       session: bytes | None = None, interval: int = 1) -> AsyncIterator[P.Delta]:
         """Deltas of the request; raises NoInstanceError before the first one if no engine can take it.
-        Requests of one `session` (a client-chosen id) stay on one instance while it lives."""
+        Requests of one `session` (a client-chosen id) stay on one instance while it lives. After the
+        first delta, the next comes once `interval` tokens have queued up, or at the end."""
         route = Route(prompt, self.hasher)
         kv_params = None
         if self.disaggregated:
@@ -71,7 +72,7 @@ class Orchestrator:
         held = route.prompt_blocks(inst.block_size)
         inst.prefill_blocks += uncached
         inst.decode_blocks += held
-        stream = self.client.submit(inst, req_id, prompt, params, kv_params)
+        stream = self.client.submit(inst, req_id, prompt, params, kv_params, interval)
         prefilling = True
         try:
             async for delta in stream:

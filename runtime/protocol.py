@@ -34,6 +34,9 @@ class Generate(msgspec.Struct, tag=True, omit_defaults=True):
     # Disaggregation: a prefill-only leg sets {"do_remote_decode": True, ...}; the decode leg
     # carries the params the prefill leg returned, untouched.
     kv_transfer_params: dict[str, Any] | None = None
+    # After the first token, send the tokens once this many have accumulated (and at the end):
+    # the head's stream interval, or "never" for an answer that is only read whole.
+    stream_interval: int = 1
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -58,6 +61,14 @@ class Delta(msgspec.Struct, omit_defaults=True, array_like=True):
     num_cached_tokens: int = 0         # set on the first delta: prefix-cache hits (local or remote)
     error: str | None = None
     kv_transfer_params: dict[str, Any] | None = None  # set on a prefill-only leg's final delta
+
+
+def merge_deltas(deltas: list[Delta]) -> Delta:
+    """One delta with the tokens of consecutive deltas of one request; the last one's ending."""
+    first, last = deltas[0], deltas[-1]
+    tokens = [t for d in deltas for t in d.token_ids]
+    return Delta(first.req_id, tokens, last.finish_reason, first.num_prompt_tokens,
+                 first.num_cached_tokens, last.error, last.kv_transfer_params)
 
 
 class StepOutputs(msgspec.Struct, tag=True):

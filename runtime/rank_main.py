@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import sys
 import tempfile
+from pathlib import Path
 
 import uvloop
 import zmq
@@ -29,7 +31,15 @@ def _setup_logging(rank: int, role: str, cfg: DeploymentConfig) -> None:
     logging.basicConfig(level=logging.INFO, format=fmt, handlers=handlers, force=True)
 
 
+def array_task_log_dir(log_dir: Path, env=os.environ) -> Path:
+    """The tasks of a job array run at once from one script: each gets its own subdirectory for
+    rank logs, the endpoint and the API key, or they would overwrite each other's."""
+    task = env.get("SLURM_ARRAY_TASK_ID")
+    return log_dir / f"array-task-{task}" if task else log_dir
+
+
 def run_rank(cfg: DeploymentConfig) -> int:
+    cfg.log_dir = array_task_log_dir(cfg.log_dir)
     head_sock = {}
     kv_curve = {}   # this rank's KV-event publisher keys, when it leads an instance
 

@@ -2,6 +2,8 @@
 
 Every request runs as a task that appends its deltas to a shared list; the first append of a
 loop iteration schedules one flush, so all the tokens an engine step produced leave together.
+A request's first token leaves at once; later ones wait until its stream interval is reached (or
+it ends), so an answer read only whole costs two deltas, not one per token.
 """
 
 from __future__ import annotations
@@ -62,8 +64,16 @@ class Worker:
 
     async def _run_request(self, msg: P.Generate) -> None:
         req = EngineRequest(msg.req_id, msg.prompt_token_ids, msg.params, msg.kv_transfer_params)
+        interval, held, n_held, sent_first = msg.stream_interval, [], 0, False
         try:
             async for delta in self.engine.generate(req):
+                if sent_first and interval > 1:
+                    held.append(delta)
+                    n_held += len(delta.token_ids)
+                    if delta.finish_reason is None and n_held < interval:
+                        continue
+                    delta, held, n_held = P.merge_deltas(held), [], 0
+                sent_first = True
                 self._emit(delta)
         except asyncio.CancelledError:
             raise

@@ -130,6 +130,10 @@ class RouterConfig(_Strict):
     disagg: DisaggConfig = Field(default_factory=DisaggConfig)
     request_timeout_s: float = Field(600.0, gt=0)
     max_concurrent_requests: int = Field(4096, gt=0)
+    stream_interval: int = Field(
+        1, ge=1, description="vLLM's --stream-interval: a streamed response gets its first token at "
+                             "once, then a chunk per this many tokens (and the last). Larger values "
+                             "cost the head less per request at the price of burstier streams.")
 
 
 class RuntimeConfig(_Strict):

@@ -374,3 +374,41 @@ def records_tolerant(path: Path) -> list[bytes]:
     if not path.exists():
         return []
     return [ln for ln in path.read_bytes().split(b"\n")[:-1] if ln]
+
+
+def test_sigterm_abandons_in_flight_work_and_resume_completes(tiny_model_dir, tmp_path):
+    """SIGTERM (what `scancel` sends) gives in-flight lines no grace: they are aborted, not recorded
+    (no error record either), everything finished is flushed, and the next run does the rest."""
+    n, max_tokens = 24, 150
+    inp = write_jsonl(tmp_path / "in.jsonl", [line(f"t{i}", i, max_tokens=max_tokens) for i in range(n)])
+    cfg = write_config(tmp_path, sim_config(tiny_model_dir, tmp_path / "logs", speedup=1.0))
+    out = tmp_path / "out.jsonl"
+    settings = ["--set", "batch.max_inflight=4", "--set", "batch.checkpoint_records=1",
+                "--set", "runtime.shutdown_grace_s=30"]    # USR2's grace, which SIGTERM must not wait for
+    proc = subprocess.Popen(batch_cmd(cfg, "-i", str(inp), "-o", str(out), *settings),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while len(records_tolerant(out)) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        head = json.loads((tmp_path / "logs" / "endpoint.json").read_text())["pid"]
+        os.kill(head, signal.SIGTERM)
+        signalled = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        _kill_run(cfg)
+    assert proc.returncode == 3, stderr[-4000:]          # lines left for the next run
+    assert took < 20, took                                # the 30 s grace was not waited for
+    summary = json.loads(stdout)
+    assert summary["stopped"] and not summary["complete"], summary
+    first = records(out)
+    assert 4 <= len(first) < n and all(r["error"] is None for r in first)
+    assert "abandoning" in (tmp_path / "logs" / "rank-0.log").read_text()
+
+    r = run_batch(cfg, "-i", str(inp), "-o", str(out), "--set", "batch.max_inflight=8")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.loads(r.stdout)["skipped"] == len(first)
+    got = records(out)
+    assert sorted(rec["custom_id"] for rec in got) == sorted(f"t{i}" for i in range(n))
+    assert all(rec["response"]["body"]["usage"]["completion_tokens"] == max_tokens for rec in got)

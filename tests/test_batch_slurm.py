@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+import sys
 import time
 
 import pytest
@@ -72,6 +73,40 @@ def test_preempted_batch_job_requeues_and_completes(cluster, tmp_path, tiny_mode
     assert summary["complete"] and summary["skipped"] >= at_signal and summary["ok"] >= 1, summary
     assert registry.read_entry(job)["status"] == "exited"
     assert_nothing_left(job, str(cfg))
+
+
+@pytest.mark.slurm
+def test_job_array_shards_then_merge(cluster, tmp_path, tiny_model_dir):  # noqa: F811
+    """`sbatch --array=0-1` of one rendered script: each task takes its shard from the array and
+    keeps its own logs and endpoint; `batch merge` then finds every line answered once."""
+    n = 10
+    logs = tmp_path / "logs"
+    cfg = write_config(tmp_path, sim_dict(tiny_model_dir, logs, workers=1))
+    inp = write_jsonl(tmp_path / "in.jsonl", [line(f"a{i}", i) for i in range(n)])
+    out = tmp_path / "out.jsonl"
+    r = cli("sbatch", str(cfg), "--nodes", "1", "--batch", str(inp), "--batch-output", str(out))
+    assert r.returncode == 0, r.stderr
+    script = tmp_path / "array.sbatch"
+    script.write_text(r.stdout)
+    logs.mkdir(mode=0o700)
+    sub = subprocess.run(["sbatch", "--parsable", "--array=0-1", str(script)], capture_output=True, text=True)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and subprocess.run(
+            ["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        time.sleep(0.5)
+    states = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "JobID,State"],
+                            capture_output=True, text=True).stdout.split()
+    assert sorted(states) == [f"{job}_0|COMPLETED", f"{job}_1|COMPLETED"], states
+    for task in (0, 1):
+        task_dir = logs / f"array-task-{task}"
+        assert (task_dir / "rank-0.log").exists() and (task_dir / "rank-1.log").exists()
+        assert json.loads((task_dir / "endpoint.json").read_text())["api_key_file"] == str(task_dir / "api_key")
+    merged = subprocess.run([sys.executable, "-m", "slurmserve", "batch", "merge", "-i", str(inp), "-o", str(out)],
+                            capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    assert sorted(rec["custom_id"] for rec in records(out)) == sorted(f"a{i}" for i in range(n))
 
 
 @pytest.mark.slurm

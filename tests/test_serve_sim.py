@@ -64,6 +64,22 @@ def test_completion_matches_stream(agg, tiny_model_dir):
     assert chunks[-1].usage.prompt_tokens == n_prompt
 
 
+def test_stream_interval(agg):
+    """vLLM's stream_interval: the first token at once, then a chunk per 8 tokens; same text."""
+    c = agg.client()
+    args = dict(model=MODEL, prompt="one two three", max_tokens=64, temperature=0)
+    full = c.completions.create(**args, extra_body={"ignore_eos": True})
+    chunks = [ch for ch in c.completions.create(**args, stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True, "stream_interval": 8})]
+    text_chunks = [ch for ch in chunks if ch.choices and ch.choices[0].text]
+    assert 2 <= len(text_chunks) <= 1 + -(-63 // 8)   # the first token, then 8 at a time
+    assert "".join(ch.choices[0].text for ch in text_chunks) == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 64
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(**args, stream=True, extra_body={"ignore_eos": True, "stream_interval": 0})
+    assert e.value.body["param"] == "stream_interval"
+
+
 def test_chat_stream_and_not(agg):
     c = agg.client()
     msgs = [{"role": "system", "content": "you are a helpful assistant ."},
