@@ -160,20 +160,31 @@ def run(block_sizes: list[int], batches: list[int], max_bytes: int, target_bytes
                     warm = 2
                     exports = call("export", remote.tolist(), iters + warm + 1)
                     times: dict[str, list[float]] = {p: [] for p in PATHS}
-                    # interleave the paths so drift on a shared machine hits all three alike
+                    # Interleave the paths so drift on a shared machine hits all three alike, and
+                    # swap the two NIXL paths every iteration: a pull that starts right as the other
+                    # one ends meets the exporter just after its progress poll, i.e. at the worst
+                    # phase of its polling period, which would bias single-block pulls.
                     for i in range(iters + warm):
                         t0 = time.perf_counter()
                         for dst_id, src_id in pairs:                           # one memcpy a block
                             dst[dst_id] = src[src_id]
                         t1 = time.perf_counter()
-                        raw.read(local, remote)
-                        t2 = time.perf_counter()
-                        reader.import_(exports[i], local, remote)
-                        t3 = time.perf_counter()
+                        if i % 2:
+                            reader.import_(exports[i], local, remote)
+                            t2 = time.perf_counter()
+                            raw.read(local, remote)
+                            t3 = time.perf_counter()
+                            t_kv, t_raw = t2 - t1, t3 - t2
+                        else:
+                            raw.read(local, remote)
+                            t2 = time.perf_counter()
+                            reader.import_(exports[i], local, remote)
+                            t3 = time.perf_counter()
+                            t_raw, t_kv = t2 - t1, t3 - t2
                         if i >= warm:
                             times["memcpy"].append(t1 - t0)
-                            times["nixl"].append(t2 - t1)
-                            times["kvfabric"].append(t3 - t2)
+                            times["nixl"].append(t_raw)
+                            times["kvfabric"].append(t_kv)
                     want = call("sha", remote.tolist())
                     if _digest(reader.buffer, local) != want or _digest(raw.buffer, local) != want:
                         raise RuntimeError(f"bytes differ after the pulls ({bs} B x {batch})")

@@ -560,17 +560,26 @@ class NixlKVTransfer(KVTransfer):
             handle = agent.make_prepped_xfer("READ", self._dlist, local, rdlist, remote, tag)
             state = agent.transfer(handle)
             # Polling the state is what drives UCX (over TCP the reader pumps the data), so poll
-            # tightly for a while, then in short naps: a waiting reader must not hold a core.
+            # tightly for a while (reading the clock only every 32 polls), then in short naps: a
+            # waiting reader must not hold a core.
+            check = agent.check_xfer_state
             spin_until = time.monotonic() + self.spin_s
+            while state == "PROC":
+                for _ in range(32):
+                    state = check(handle)
+                    if state != "PROC":
+                        break
+                else:
+                    if time.monotonic() < spin_until:
+                        continue
+                break
             nap = 20e-6
             while state == "PROC":
-                now = time.monotonic()
-                if now > deadline:
+                if time.monotonic() > deadline:
                     raise KVTransferError(f"READ from {peer.name} did not finish in time")
-                if now > spin_until:
-                    time.sleep(nap)
-                    nap = min(nap * 2, self.max_nap_s)
-                state = agent.check_xfer_state(handle)
+                time.sleep(nap)
+                nap = min(nap * 2, self.max_nap_s)
+                state = check(handle)
             if state != "DONE":
                 raise KVTransferError(f"READ from {peer.name} failed ({state})")
         except KVTransferError:

@@ -58,7 +58,7 @@ def processes_matching(needle: str) -> list[int]:
 
 class LocalDeployment:
     def __init__(self, workdir: Path, config: dict, name: str = "dep"):
-        self.dir = Path(workdir) / name
+        self.dir = Path(workdir).resolve() / name   # the config below resolves paths against its own folder
         self.dir.mkdir(parents=True, exist_ok=True)
         config = dict(config, log_dir=str(self.dir / "logs"))
         self.config_path = self.dir / "config.yaml"
