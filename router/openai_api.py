@@ -7,6 +7,7 @@ so a chunk costs one JSON string escape, not a dict build and a full encode.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import uuid
@@ -103,7 +104,7 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
         p = p[0]
         if isinstance(p, str):
             return p
-    if p and all(type(t) is int for t in p):
+    if p and _all_ints(p):
         return p
     if not p:
         raise APIError(400, "prompt must not be empty", param="prompt")
@@ -139,10 +140,25 @@ def sampling_params(req: _Common, prompt_len: int, max_model_len: int, vocab_siz
     )
 
 
+def _all_ints(items: list) -> bool:
+    try:
+        msgspec.convert(items, list[int])   # checked in C: a Python loop costs ~0.1 ms per 2k tokens
+        return True
+    except msgspec.ValidationError:
+        return False
+
+
+@functools.lru_cache(maxsize=8)
+def _token_ids_type(vocab_size: int):
+    return list[Annotated[int, Meta(ge=0, lt=vocab_size)]]
+
+
 def check_token_ids(ids: list[int], vocab_size: int) -> None:
-    for t in ids:
-        if not 0 <= t < vocab_size:
-            raise APIError(400, f"token id {t} is out of vocabulary (size {vocab_size})", param="prompt")
+    try:
+        msgspec.convert(ids, _token_ids_type(vocab_size))
+    except msgspec.ValidationError:
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise APIError(400, f"token id {bad} is out of vocabulary (size {vocab_size})", param="prompt") from None
 
 
 def stop_strings(req: _Common) -> list[str]:
