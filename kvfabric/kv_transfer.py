@@ -564,15 +564,11 @@ class NixlKVTransfer(KVTransfer):
             # waiting reader must not hold a core.
             check = agent.check_xfer_state
             spin_until = time.monotonic() + self.spin_s
-            while state == "PROC":
+            while state == "PROC" and time.monotonic() < spin_until:
                 for _ in range(32):
                     state = check(handle)
                     if state != "PROC":
                         break
-                else:
-                    if time.monotonic() < spin_until:
-                        continue
-                break
             nap = 20e-6
             while state == "PROC":
                 if time.monotonic() > deadline:

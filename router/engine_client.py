@@ -56,33 +56,24 @@ class Instance:
 class DeltaStream:
     """Deltas of one request on one instance, consumed with `async for`.
 
-    The consumer is woken for the first delta, for the last, and otherwise once `interval` tokens
-    have queued up (vLLM's stream interval); deltas that queued up meanwhile come merged as one, so
-    the head detokenizes and sends once per wake-up, not once per engine step.
+    The engine rank already holds tokens back to the request's stream interval, so every delta
+    wakes the consumer; deltas that queued up meanwhile come merged as one, so a slow client costs
+    one detokenize-and-send per wake-up, not one per engine step.
     """
 
-    __slots__ = ("req_id", "instance", "interval", "_items", "_queued", "_first", "_waiter", "done")
+    __slots__ = ("req_id", "instance", "_items", "_waiter", "done")
 
-    def __init__(self, req_id: str, instance: Instance, interval: int = 1):
+    def __init__(self, req_id: str, instance: Instance):
         self.req_id = req_id
         self.instance = instance
-        self.interval = interval
         self._items: deque[P.Delta] = deque()
-        self._queued = 0          # tokens in _items
-        self._first = True        # nothing handed out yet
         self._waiter: asyncio.Future | None = None
         self.done = False
 
     def push(self, delta: P.Delta) -> None:
         self._items.append(delta)
-        self._queued += len(delta.token_ids)
-        if self._waiter is not None and self._ready() and not self._waiter.done():
+        if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-
-    def _ready(self) -> bool:
-        items = self._items
-        return bool(items) and (self._first or self._queued >= self.interval
-                                or items[-1].finish_reason is not None)
 
     def __aiter__(self):
         return self
@@ -90,7 +81,7 @@ class DeltaStream:
     async def __anext__(self) -> P.Delta:
         if self.done and not self._items:
             raise StopAsyncIteration
-        while not self._ready():
+        while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
@@ -98,8 +89,6 @@ class DeltaStream:
         delta = items.popleft()
         if items:
             delta = _merge(delta, items)
-        self._queued = sum(len(d.token_ids) for d in items) if items else 0
-        self._first = False
         if delta.finish_reason is not None:
             self.done = True
         return delta
@@ -168,7 +157,8 @@ class EngineClient:
 
     def submit(self, inst: Instance, req_id: str, prompt_token_ids: list[int], params: P.SamplingParams,
                kv_transfer_params: dict | None = None, interval: int = 1) -> DeltaStream:
-        stream = DeltaStream(req_id, inst, interval)
+        """Send the request to `inst`; `interval` is its stream interval, applied by the engine rank."""
+        stream = DeltaStream(req_id, inst)
         inst.streams[req_id] = stream
         self.streams[req_id] = stream
         self.sock.send_to(inst.identity, P.encode(P.Generate(req_id, prompt_token_ids, params, kv_transfer_params,
@@ -210,12 +200,8 @@ class EngineClient:
         inst.running, inst.waiting, inst.kv_usage = load.running, load.waiting, load.kv_usage
         inst.num_kv_blocks, inst.block_size = load.num_kv_blocks, load.block_size
         labels = (inst.index, inst.role)
-        self.metrics.instance_running.labels(*labels).set(load.running)
-        self.metrics.instance_waiting.labels(*labels).set(load.waiting)
-        self.metrics.instance_kv_usage.labels(*labels).set(load.kv_usage)
-        self.metrics.instance_external_kv_tokens.labels(*labels).set(load.external_kv_tokens)
-        self.metrics.instance_prefix_cache_queries.labels(*labels).set(load.prefix_cache_queries)
-        self.metrics.instance_prefix_cache_hits.labels(*labels).set(load.prefix_cache_hits)
+        for field, gauge in self.metrics.instance_load.items():
+            gauge.labels(*labels).set(getattr(load, field))
         if not inst.up and hb.ready:
             inst.up = inst.ever_up = True
             self.metrics.instance_up.labels(*labels).set(1)

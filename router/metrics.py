@@ -11,6 +11,20 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
                     30.0, 60.0, 120.0, 300.0)
 
 
+# Load field (runtime/protocol.py) -> its per-instance gauge: name, help.
+_LOAD_GAUGES = {
+    "running": ("slurmserve:instance_num_requests_running", "Running requests per instance (heartbeat)"),
+    "waiting": ("slurmserve:instance_num_requests_waiting", "Waiting requests per instance (heartbeat)"),
+    "kv_usage": ("slurmserve:instance_kv_cache_usage_perc", "KV-cache usage per instance, 0..1 (heartbeat)"),
+    "external_kv_tokens": ("slurmserve:instance_prompt_tokens_external_total",
+                           "Prompt tokens whose KV an instance received from another instance (heartbeat)"),
+    "prefix_cache_queries": ("slurmserve:instance_prefix_cache_queries_total",
+                             "Prompt tokens an instance looked up in its prefix cache, since start (heartbeat)"),
+    "prefix_cache_hits": ("slurmserve:instance_prefix_cache_hits_total",
+                          "Prompt tokens an instance found in its prefix cache, since start (heartbeat)"),
+}
+
+
 class HeadMetrics:
     def __init__(self, model_name: str):
         r = self.registry = CollectorRegistry()
@@ -30,28 +44,9 @@ class HeadMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.instance_up = Gauge("slurmserve:instance_up", "1 while an engine instance is in rotation",
                                  ["instance", "role"], registry=r)
-        self.instance_running = Gauge("slurmserve:instance_num_requests_running",
-                                      "Running requests per instance (heartbeat)", ["instance", "role"],
-                                      registry=r)
-        self.instance_waiting = Gauge("slurmserve:instance_num_requests_waiting",
-                                      "Waiting requests per instance (heartbeat)", ["instance", "role"],
-                                      registry=r)
-        self.instance_kv_usage = Gauge("slurmserve:instance_kv_cache_usage_perc",
-                                       "KV-cache usage per instance, 0..1 (heartbeat)",
-                                       ["instance", "role"], registry=r)
-        # The engine's running total, copied from each heartbeat (a gauge: the head only mirrors it).
-        self.instance_external_kv_tokens = Gauge(
-            "slurmserve:instance_prompt_tokens_external_total",
-            "Prompt tokens whose KV an instance received from another instance (heartbeat)",
-            ["instance", "role"], registry=r)
-        self.instance_prefix_cache_queries = Gauge(
-            "slurmserve:instance_prefix_cache_queries_total",
-            "Prompt tokens an instance looked up in its prefix cache, since start (heartbeat)",
-            ["instance", "role"], registry=r)
-        self.instance_prefix_cache_hits = Gauge(
-            "slurmserve:instance_prefix_cache_hits_total",
-            "Prompt tokens an instance found in its prefix cache, since start (heartbeat)",
-            ["instance", "role"], registry=r)
+        # The engine's own figures, copied from each heartbeat (totals too: the head only mirrors them).
+        self.instance_load = {field: Gauge(name, doc, ["instance", "role"], registry=r)
+                              for field, (name, doc) in _LOAD_GAUGES.items()}
         self.disagg = Counter("slurmserve:disagg_requests", "Disaggregated requests by path",
                               ["path"], registry=r)
         self.kv_events = Counter("slurmserve:kv_events", "KV events received from engines",
