@@ -1,6 +1,6 @@
 """The head's batch driver: a batch file's requests through the head's own OpenAI app, engines kept full.
 
-Each input line is sent in-process to the same ASGI app that serves HTTP (`HeadApp`), so validation,
+Each input line is sent in-process to the same app that serves HTTP (`HeadApp`), so validation,
 chat templates, routing policy and response bodies are byte for byte the online API's. A bounded
 window of requests in flight (`batch.max_inflight`, default twice the engines' batch capacity) keeps
 every engine's batch full without reading the whole file. Finished records are appended to the output
@@ -27,6 +27,7 @@ from prometheus_client import Counter, Gauge
 
 from slurmserve.config import DeploymentConfig
 from slurmserve.launcher import batch_files as bf
+from slurmserve.router.http_server import BufferedResponse, Request
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ class BatchDriver:
         self.shard = bf.resolve_shard(self.bc.shard)
         self.output = bf.shard_path(self.bc.output, self.shard)
         self.errors = bf.shard_path(self.bc.errors, self.shard) if self.bc.errors else None
-        self._inflight: dict[int, asyncio.Event] = {}     # seq -> its abandon (disconnect) event
+        self._inflight: dict[int, BufferedResponse | None] = {}   # seq -> the answer it awaits
+        self._abandoned = False
         self._slot = asyncio.Event()
         self._stopping = False
         # ordered mode: records wait here until every earlier one is written
@@ -225,8 +227,10 @@ class BatchDriver:
                 _, pending = await asyncio.wait(pending, timeout=grace())
             if pending:
                 log.info("batch: abandoning %d in-flight request(s); the next run does them", len(pending))
-                for ev in self._inflight.values():
-                    ev.set()
+                self._abandoned = True
+                for response in self._inflight.values():
+                    if response is not None:
+                        response.client_left()   # the head aborts it in the engine
                 await asyncio.wait(pending)
         finally:
             flusher.cancel()
@@ -279,7 +283,7 @@ class BatchDriver:
                 await self._slot.wait()
             if stop.is_set():
                 return
-            self._inflight[seq] = asyncio.Event()      # counted now, not when the task first runs
+            self._inflight[seq] = None      # counted now, not when the task first runs
             self.metrics.inflight.inc()
             t = asyncio.create_task(self._one(seq, item))
             tasks.add(t)
@@ -294,10 +298,9 @@ class BatchDriver:
     # ---- one request --------------------------------------------------------------------------------
 
     async def _one(self, seq: int, req: bf.Request) -> None:
-        abandon = self._inflight[seq]
         try:
             for attempt in range(self.bc.retries + 1):
-                status, body = await self._call(req, abandon)
+                status, body = await self._call(seq, req)
                 if status is None:                          # abandoned: left for the next run
                     self._finish(seq, None, False)
                     return
@@ -318,33 +321,15 @@ class BatchDriver:
             self.metrics.inflight.dec()
             self._slot.set()
 
-    async def _call(self, req: bf.Request, abandon: asyncio.Event) -> tuple[int | None, bytes]:
+    async def _call(self, seq: int, req: bf.Request) -> tuple[int | None, bytes]:
         """POST the body to the head's app in-process: (status, body), or (None, b"") if abandoned."""
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": req.url, "raw_path": req.url.encode(), "query_string": b"",
-                 "root_path": "", "headers": self.headers, "client": None, "server": None}
-        sent = False
-        status: list[int] = []
-        parts: list[bytes] = []
-
-        async def receive():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": req.body, "more_body": False}
-            await abandon.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(msg):
-            if msg["type"] == "http.response.start":
-                status.append(msg["status"])
-            elif msg["type"] == "http.response.body":
-                parts.append(msg.get("body", b""))
-
-        await self.app(scope, receive, send)
-        if not status or abandon.is_set():
+        if self._abandoned:
             return None, b""
-        return status[0], b"".join(parts)
+        response = self._inflight[seq] = BufferedResponse()
+        await self.app(Request("POST", req.url, self.headers, req.body), response)
+        if self._abandoned or not response.finished:
+            return None, b""
+        return response.status, response.body
 
     def _ok(self, req: bf.Request, body: bytes) -> bytes:
         ans = _answer.decode(body)

@@ -54,51 +54,78 @@ class Instance:
 
 
 class DeltaStream:
-    """Deltas of one request on one instance, consumed with `async for`.
+    """Deltas of one request on one instance, read in one of two ways:
 
-    The engine rank already holds tokens back to the request's stream interval, so every delta
-    wakes the consumer; deltas that queued up meanwhile come merged as one, so a slow client costs
-    one detokenize-and-send per wake-up, not one per engine step.
+    * `async for delta in stream` (the prefill leg, whole answers), where deltas that queued up
+      meanwhile come merged as one;
+    * `stream.attach(sink)`: after every drain of the control socket, `sink(delta)` gets the
+      request's new deltas merged into one, called from the fan-out itself. A streamed answer goes
+      to its HTTP connection this way, with no task woken per engine step.
+
+    The engine rank already holds tokens back to the request's stream interval. The stream also
+    carries the request's share of the head's load account (see `EngineClient.submit`).
     """
 
-    __slots__ = ("req_id", "instance", "_items", "_waiter", "done")
+    __slots__ = ("req_id", "instance", "prefill_blocks", "held_blocks", "started", "done", "_items",
+                 "_waiter", "_sink", "_dirty")
 
-    def __init__(self, req_id: str, instance: Instance):
+    def __init__(self, req_id: str, instance: Instance, prefill_blocks: int = 0, held_blocks: int = 0):
         self.req_id = req_id
         self.instance = instance
+        self.prefill_blocks = prefill_blocks   # uncached prompt blocks, pending until the first delta
+        self.held_blocks = held_blocks         # KV blocks held until the request ends
+        self.started = False                   # a delta has arrived
+        self.done = False                      # the last delta has been read
         self._items: deque[P.Delta] = deque()
         self._waiter: asyncio.Future | None = None
-        self.done = False
+        self._sink: Callable[[P.Delta], None] | None = None
+        self._dirty = False
 
-    def push(self, delta: P.Delta) -> None:
+    def push(self, delta: P.Delta, dirty: list[DeltaStream]) -> None:
+        if not self.started:
+            self.started = True
+            self.instance.prefill_blocks -= self.prefill_blocks
         self._items.append(delta)
-        if self._waiter is not None and not self._waiter.done():
+        if self._sink is not None:
+            if not self._dirty:
+                self._dirty = True
+                dirty.append(self)
+        elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    def attach(self, sink: Callable[[P.Delta], None]) -> None:
+        """Deliver deltas to `sink` from now on; any that already arrived, at once."""
+        self._sink = sink
+        self.flush()
+
+    def flush(self) -> None:
+        self._dirty = False
+        while self._items and not self.done:
+            self._sink(self._next())
+
+    def _next(self) -> P.Delta:
+        items = self._items
+        delta = items.popleft()
+        if items and delta.finish_reason is None:
+            run = [delta]
+            while items and run[-1].finish_reason is None:
+                run.append(items.popleft())
+            delta = P.merge_deltas(run)
+        if delta.finish_reason is not None:
+            self.done = True
+        return delta
 
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> P.Delta:
-        if self.done and not self._items:
+        if self.done:
             raise StopAsyncIteration
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
-        items = self._items
-        delta = items.popleft()
-        if items:
-            delta = _merge(delta, items)
-        if delta.finish_reason is not None:
-            self.done = True
-        return delta
-
-
-def _merge(first: P.Delta, rest: deque[P.Delta]) -> P.Delta:
-    run = [first]
-    while rest and run[-1].finish_reason is None:
-        run.append(rest.popleft())
-    return P.merge_deltas(run)
+        return self._next()
 
 
 class EngineClient:
@@ -114,13 +141,14 @@ class EngineClient:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.on_instance_down = on_instance_down
         self.streams: dict[str, DeltaStream] = {}
+        self._dirty: list[DeltaStream] = []   # streams with a sink and undelivered deltas
         self._tasks: list[asyncio.Task] = []
         self.closing = False
         for inst in instances:
             metrics.instance_up.labels(inst.index, inst.role).set(0)
 
     def start(self) -> None:
-        self.sock = LoopSocket(self._zsock, self._on_message, frames=2)
+        self.sock = LoopSocket(self._zsock, self._on_message, frames=2, on_drained=self._flush)
         self._tasks = [asyncio.create_task(self._watch())]
 
     async def close(self, reason: str, grace_s: float) -> None:
@@ -156,9 +184,16 @@ class EngineClient:
     # ---- requests -------------------------------------------------------------------------------
 
     def submit(self, inst: Instance, req_id: str, prompt_token_ids: list[int], params: P.SamplingParams,
-               kv_transfer_params: dict | None = None, interval: int = 1) -> DeltaStream:
-        """Send the request to `inst`; `interval` is its stream interval, applied by the engine rank."""
-        stream = DeltaStream(req_id, inst)
+               kv_transfer_params: dict | None = None, interval: int = 1, prefill_blocks: int = 0,
+               held_blocks: int = 0) -> DeltaStream:
+        """Send the request to `inst`; `interval` is its stream interval, applied by the engine rank.
+
+        Between heartbeats the head keeps its own account of each instance's load: the request's
+        `prefill_blocks` (uncached prompt blocks) count as pending prefill until its first delta,
+        and its `held_blocks` as held KV until it is released. The `kv` policy reads both."""
+        stream = DeltaStream(req_id, inst, prefill_blocks, held_blocks)
+        inst.prefill_blocks += prefill_blocks
+        inst.decode_blocks += held_blocks
         inst.streams[req_id] = stream
         self.streams[req_id] = stream
         self.sock.send_to(inst.identity, P.encode(P.Generate(req_id, prompt_token_ids, params, kv_transfer_params,
@@ -169,6 +204,10 @@ class EngineClient:
         """Forget a request; if the engine has not finished it, abort it there."""
         self.streams.pop(stream.req_id, None)
         inst = stream.instance
+        if not stream.started:
+            inst.prefill_blocks -= stream.prefill_blocks
+        inst.decode_blocks -= stream.held_blocks
+        stream.prefill_blocks = stream.held_blocks = 0   # released once
         if inst.streams.pop(stream.req_id, None) is not None and not stream.done and inst.up:
             self.sock.send_to(inst.identity, P.encode(P.Abort([stream.req_id])))
 
@@ -177,11 +216,11 @@ class EngineClient:
     def _on_message(self, identity: bytes, payload: bytes) -> None:
         msg = P.decode_to_head(payload)
         if type(msg) is P.StepOutputs:
-            streams = self.streams
+            streams, dirty = self.streams, self._dirty
             for delta in msg.deltas:
                 stream = streams.get(delta.req_id)
                 if stream is not None:
-                    stream.push(delta)
+                    stream.push(delta, dirty)
                     if delta.finish_reason is not None:
                         del streams[delta.req_id]
                         stream.instance.streams.pop(delta.req_id, None)
@@ -193,6 +232,15 @@ class EngineClient:
             self._heartbeat(inst, msg)
         elif type(msg) is P.Goodbye:
             self._drop(inst, f"instance {inst.index} left: {msg.reason}")
+
+    def _flush(self) -> None:
+        """After a drain: each attached stream gets what this drain brought it, as one delta."""
+        dirty, self._dirty = self._dirty, []
+        for stream in dirty:
+            try:
+                stream.flush()
+            except Exception:
+                log.exception("delivering the deltas of %s failed", stream.req_id)
 
     def _heartbeat(self, inst: Instance, hb: P.Heartbeat) -> None:
         inst.last_seen = time.monotonic()
@@ -231,5 +279,8 @@ class EngineClient:
         failed, inst.streams = inst.streams, {}
         for req_id, stream in failed.items():
             self.streams.pop(req_id, None)
+            stream.prefill_blocks = stream.held_blocks = 0   # the account was reset above
             stream.push(P.Delta(req_id, [], finish_reason="error",
-                                error=f"engine instance {inst.index} failed during the request"))
+                                error=f"engine instance {inst.index} failed during the request"),
+                        self._dirty)
+        self._flush()

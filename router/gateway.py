@@ -30,8 +30,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from slurmserve.launcher import registry
 from slurmserve.router.gateway_jobs import Job, JobTable
 from slurmserve.router.gateway_upstream import Conn, UpstreamError
-from slurmserve.router.head import NoDelayHttpProtocol, write_private
-from slurmserve.router.http_app import _JSON, _SSE, HeadApp, _DisconnectWatcher, _read_body, _respond
+from slurmserve.router.head import write_private
+from slurmserve.router.http_app import JSON, MAX_BODY_BYTES, SSE, HeadApp
+from slurmserve.router.http_server import HTTPServer, Request, Response
 from slurmserve.router.metrics import _LATENCY_BUCKETS
 from slurmserve.router.openai_api import APIError, ChunkWriter
 
@@ -70,10 +71,9 @@ class GatewayMetrics:
 
 
 class GatewayApp:
-    # The head's ASGI dispatch, lifespan, bearer-key check and /metrics, as they are (they use
-    # `routes`, `open_paths`, `metrics` and `_api_key`, which this class has too).
+    # The head's dispatch, bearer-key check and /metrics, as they are (they use `routes`,
+    # `open_paths`, `metrics` and `_api_key`, which this class has too).
     __call__ = HeadApp.__call__
-    _lifespan = HeadApp._lifespan
     _authorize = HeadApp._authorize
     prometheus = HeadApp.prometheus
 
@@ -91,20 +91,20 @@ class GatewayApp:
         }
         self.open_paths = {"/health"}
 
-    async def models(self, scope, receive, send):
+    async def models(self, request: Request, response: Response) -> None:
         data = [{"id": m, "object": "model", "created": self.created, "owned_by": "slurmserve"}
                 for m in self.jobs.ready_models()]
-        await _respond(send, 200, msgspec.json.encode({"object": "list", "data": data}), _JSON)
+        response.send(200, msgspec.json.encode({"object": "list", "data": data}), JSON)
 
-    async def health(self, scope, receive, send):
+    async def health(self, request: Request, response: Response) -> None:
         ready = sum(1 for j in self.jobs.jobs.values() if j.ready)
-        await _respond(send, 200, msgspec.json.encode({"status": "ok", "jobs_ready": ready,
-                                                       "queue_depth": self.jobs.waiting}), _JSON)
+        response.send(200, msgspec.json.encode({"status": "ok", "jobs_ready": ready,
+                                                "queue_depth": self.jobs.waiting}), JSON)
 
     # ---- proxying -------------------------------------------------------------------------------
 
-    async def proxy(self, scope, receive, send):
-        body = await _read_body(receive)
+    async def proxy(self, request: Request, response: Response) -> None:
+        body = request.body
         try:
             model = _model_decoder.decode(body).model
         except msgspec.ValidationError as e:
@@ -112,16 +112,17 @@ class GatewayApp:
                            param="model") from None
         except msgspec.DecodeError as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from None
-        path = scope["raw_path"] or scope["path"].encode()
+        path = request.path.encode("latin-1")
         start = time.perf_counter()
-        watcher = _DisconnectWatcher(receive)
+        task = asyncio.current_task()
+        response.on_disconnect = task.cancel    # closing the upstream connection aborts the request
         job = conn = None
         status = 0
         try:
             job, conn = await self._open(model, path, body)
             status = conn.status
             if conn.status == 200 and _is_sse(conn.headers):
-                await self._stream(send, job, conn)
+                await self._stream(response, job, conn)
             else:
                 try:
                     data = await conn.read_all()
@@ -129,15 +130,13 @@ class GatewayApp:
                     self.metrics.errors.labels(job.job_id, model, "broken").inc()
                     raise APIError(502, _gone(job, e), type_="server_error") from None
                 headers = [(k, v) for k, v in conn.headers if k in _PASS_HEADERS]
-                headers.append((b"content-length", str(len(data)).encode()))
-                await _respond(send, conn.status, data, headers)
+                response.send(conn.status, data, headers)
         except asyncio.CancelledError:
-            if not watcher.fired:
+            if not response.disconnected:
                 raise
-            asyncio.current_task().uncancel()   # the client left; closing the connection aborts it
+            task.uncancel()   # the client left; closing the connection aborts it
             status = 499
         finally:
-            watcher.cancel()
             if job is not None:
                 if conn is not None:
                     conn.release()
@@ -175,10 +174,10 @@ class GatewayApp:
                 continue
             return job, conn
 
-    async def _stream(self, send, job: Job, conn: Conn) -> None:
+    async def _stream(self, response: Response, job: Job, conn: Conn) -> None:
         """The SSE bytes as they come. Only whole events are forwarded, so when the head goes away
         mid-stream the client gets a well-formed OpenAI error event and the end of the stream."""
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+        response.start(200, SSE)
         tail = b""
         while True:
             if conn.chunks:                  # everything that is in, as one write
@@ -192,18 +191,18 @@ class GatewayApp:
                     cut = end + 2 if end >= 0 else 0      # a partial event waits for its rest
                     data, tail = data[:cut], data[cut:]
                 if data:
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    response.write(data)
+                    await response.drain()
                 continue
             if conn.complete:
                 break
             if conn.error is not None:
                 self.metrics.errors.labels(job.job_id, job.model or "", "broken").inc()
                 err = APIError(502, _gone(job, conn.error), type_="server_error")
-                await send({"type": "http.response.body", "body": ChunkWriter.error(err) + ChunkWriter.DONE,
-                            "more_body": True})
+                response.write(ChunkWriter.error(err) + ChunkWriter.DONE)
                 break
             await conn.wait()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        response.end()
 
 
 def _is_sse(headers) -> bool:
@@ -257,13 +256,9 @@ async def serve(args) -> int:
         listener = socket.create_server((args.host, args.port), backlog=2048)
     except OSError as e:
         raise SystemExit(f"slurmserve gateway: cannot listen on {args.host}:{args.port}: {e.strerror}")
-    import uvicorn
     host, port = listener.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(
-        app, loop="none", http=NoDelayHttpProtocol, lifespan="off", access_log=False,
-        log_level="warning", timeout_keep_alive=30, backlog=2048))
-    server.install_signal_handlers = lambda: None
-    task = asyncio.create_task(server.serve(sockets=[listener]))
+    server = HTTPServer(app, max_body=MAX_BODY_BYTES, keep_alive_s=30.0)
+    await server.start(listener)
     url = f"http://{host}:{port}/v1"
     write_private(registry.state_dir() / "gateway.json",
                   json.dumps({"url": url, "pid": os.getpid(), "api_key_file": str(kpath)}, indent=2) + "\n")
@@ -274,7 +269,6 @@ async def serve(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    server.should_exit = True
+    server.close()
     await jobs.close()
-    await task
     return 0

@@ -17,7 +17,7 @@ import time
 
 import httptools
 
-IDLE_KEEP_S = 20.0          # heads (uvicorn) close idle keep-alive connections after 30 s
+IDLE_KEEP_S = 20.0          # heads close idle keep-alive connections after 30 s
 
 
 class UpstreamError(Exception):

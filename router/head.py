@@ -18,14 +18,13 @@ import socket
 import time
 from pathlib import Path
 
-import uvicorn
 import zmq
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from slurmserve.config import DeploymentConfig
 from slurmserve.kvfabric.kv_index import ApproxKVIndex
 from slurmserve.router.engine_client import EngineClient, Instance
-from slurmserve.router.http_app import HeadApp
+from slurmserve.router.http_app import MAX_BODY_BYTES, HeadApp
+from slurmserve.router.http_server import HTTPServer
 from slurmserve.router.kv_state import KVState
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.orchestrator import Orchestrator
@@ -35,17 +34,6 @@ from slurmserve.launcher.registry import HeadRegistration
 from slurmserve.runtime.bootstrap import World
 
 log = logging.getLogger(__name__)
-
-
-class NoDelayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with Nagle off: small SSE chunks and keep-alive responses
-    otherwise wait for the peer's delayed ACK (about 40 ms per request)."""
-
-    def connection_made(self, transport):
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().connection_made(transport)
 
 
 def write_private(path: Path, data: str) -> None:
@@ -142,10 +130,8 @@ class Head:
         except OSError as e:
             raise HeadError(f"router: cannot listen on {address[0]}:{address[1]}: {e.strerror}") from None
         host, port = listener.getsockname()[:2]
-        server = uvicorn.Server(uvicorn.Config(
-            app, loop="none", http=NoDelayHttpProtocol, lifespan="off", access_log=False,
-            log_level="warning", timeout_keep_alive=30, backlog=2048))
-        serve_task = asyncio.create_task(server.serve(sockets=[listener]))
+        server = HTTPServer(app, max_body=MAX_BODY_BYTES, keep_alive_s=30.0)
+        await server.start(listener)
 
         stop = asyncio.Event()
         drain = {"grace": 0.0, "signal": None}
@@ -196,9 +182,8 @@ class Head:
         deadline = time.monotonic() + drain["grace"]
         while app.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        server.should_exit = True
+        server.close()
         await client.close("head shutting down", grace_s=max(2.0, cfg.runtime.shutdown_grace_s))
-        await serve_task
         await kv_state.close()
         self.zctx.term()
         if reg is not None:   # exited, or requeued after a preemption warning when the job asks

@@ -1,8 +1,11 @@
-"""The head's OpenAI-compatible HTTP endpoint as a bare ASGI app.
+"""The head's OpenAI-compatible HTTP endpoint, served by `http_server`.
 
 No web framework sits on the per-request path: routing is a dict lookup, bodies are decoded by
-msgspec into typed structs, and streamed chunks are byte templates. Every error a client can cause
-is an OpenAI-shaped JSON error with a 4xx status.
+msgspec into typed structs, and streamed chunks are byte templates. Once a request is routed, its
+answer is written from the engine-step fan-out (`DeltaStream.attach`): every drain of the control
+socket detokenizes and writes each request's new tokens once, and the request's own task wakes only
+when the answer is over. Every error a client can cause is an OpenAI-shaped JSON error with a 4xx
+status.
 """
 
 from __future__ import annotations
@@ -16,17 +19,19 @@ import msgspec
 
 from slurmserve.router import openai_api as oa
 from slurmserve.router.engine_client import NoInstanceError
+from slurmserve.router.http_server import Request, Response
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.openai_api import APIError, ChunkWriter
 from slurmserve.router.orchestrator import Orchestrator
 from slurmserve.router.tokenizer import TextStream, Tokenizer
+from slurmserve.runtime import protocol as P
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20
 WHOLE_ANSWER = 1 << 30    # a stream interval no answer reaches
-_JSON = [(b"content-type", b"application/json")]
-_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+JSON = [(b"content-type", b"application/json")]
+SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
 class HeadApp:
@@ -54,73 +59,56 @@ class HeadApp:
         }
         self.open_paths = {"/health"}
 
-    # ---- ASGI entry -----------------------------------------------------------------------------
+    # ---- entry ----------------------------------------------------------------------------------
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "lifespan":
-            return await self._lifespan(receive, send)
-        if scope["type"] != "http":
-            return
-        path, method = scope["path"], scope["method"]
-        handler = self.routes.get((method, path))
+    async def __call__(self, request: Request, response: Response) -> None:
+        handler = self.routes.get((request.method, request.path))
         try:
             if handler is None:
-                if any(p == path for _, p in self.routes):
-                    raise APIError(405, f"method {method} is not allowed on {path}")
-                raise APIError(404, f"no route for {method} {path}", code="not_found")
-            if path not in self.open_paths:
-                self._authorize(scope)
-            await handler(scope, receive, send)
+                if any(p == request.path for _, p in self.routes):
+                    raise APIError(405, f"method {request.method} is not allowed on {request.path}")
+                raise APIError(404, f"no route for {request.method} {request.path}", code="not_found")
+            if request.path not in self.open_paths:
+                self._authorize(request)
+            await handler(request, response)
         except APIError as e:
             self.metrics.http_errors.labels(e.status).inc()
-            await _respond(send, e.status, e.body(), _JSON + [(k.encode(), v.encode())
-                                                             for k, v in e.headers.items()])
+            response.send(e.status, e.body(), JSON + [(k.encode(), v.encode()) for k, v in e.headers.items()])
 
-    async def _lifespan(self, receive, send):
-        while True:
-            msg = await receive()
-            if msg["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif msg["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
+    def _authorize(self, request: Request) -> None:
+        value = request.header(b"authorization")
+        if value is not None:
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._api_key):
                 return
-
-    def _authorize(self, scope) -> None:
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._api_key):
-                    return
-                break
         raise APIError(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
                        code="invalid_api_key")
 
     # ---- simple routes --------------------------------------------------------------------------
 
-    async def models(self, scope, receive, send):
+    async def models(self, request: Request, response: Response) -> None:
         body = msgspec.json.encode({"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": self.created, "owned_by": "slurmserve",
             "root": self.model_name, "max_model_len": self.max_model_len}]})
-        await _respond(send, 200, body, _JSON)
+        response.send(200, body, JSON)
 
-    async def health(self, scope, receive, send):
+    async def health(self, request: Request, response: Response) -> None:
         if self.draining:
             raise APIError(503, "draining", type_="service_unavailable", headers={"retry-after": "5"})
         if not self.orch.ready():
             raise APIError(503, "not every engine instance is up", type_="service_unavailable")
-        await _respond(send, 200, b'{"status":"ok"}', _JSON)
+        response.send(200, b'{"status":"ok"}', JSON)
 
-    async def prometheus(self, scope, receive, send):
-        await _respond(send, 200, self.metrics.render(),
-                       [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+    async def prometheus(self, request: Request, response: Response) -> None:
+        response.send(200, self.metrics.render(), [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
 
     # ---- generation -----------------------------------------------------------------------------
 
-    async def completions(self, scope, receive, send):
-        await self._generate(scope, receive, send, chat=False)
+    async def completions(self, request: Request, response: Response) -> None:
+        await self._generate(request, response, chat=False)
 
-    async def chat_completions(self, scope, receive, send):
-        await self._generate(scope, receive, send, chat=True)
+    async def chat_completions(self, request: Request, response: Response) -> None:
+        await self._generate(request, response, chat=True)
 
     def _prepare(self, body: bytes, chat: bool):
         req = oa.parse(body, chat)
@@ -147,112 +135,48 @@ class HeadApp:
                                     self.tok.eos_token_id, chat)
         return req, prompt, params, stops
 
-    async def _generate(self, scope, receive, send, chat: bool):
+    async def _generate(self, request: Request, response: Response, chat: bool) -> None:
         if self.draining:
             raise APIError(503, "the deployment is draining; retry on another endpoint",
                            type_="service_unavailable", headers={"retry-after": "10"})
         if self.inflight >= self.max_concurrent:
             raise APIError(429, "too many requests in flight", type_="rate_limit_error",
                            headers={"retry-after": "1"})
-        body = await _read_body(receive)
-        req, prompt, params, stops = self._prepare(body, chat)
+        req, prompt, params, stops = self._prepare(request.body, chat)
         rid = oa.new_id(chat)
+        session = request.header(self.session_header) if self.session_header is not None else None
+        # A whole answer needs delivering only at the end, unless stop strings are watched as it
+        # grows. A request may raise the stream interval, not lower it (as in vLLM).
+        interval = max(self.stream_interval, req.stream_interval or 1) if req.stream or stops \
+            else WHOLE_ANSWER
         start = time.perf_counter()
         self.inflight += 1
         self.metrics.running.inc()
-        watcher = _DisconnectWatcher(receive)
-        session = None
-        if self.session_header is not None:
-            session = next((v for k, v in scope["headers"] if k == self.session_header), None)
-        # A whole answer needs waking only at the end, unless stop strings are watched as it grows.
-        # A request may raise the stream interval, not lower it (as in vLLM).
-        interval = max(self.stream_interval, req.stream_interval or 1) if req.stream or stops \
-            else WHOLE_ANSWER
-        deltas = self.orch.generate(rid, prompt, params, session, interval)
+        task = asyncio.current_task()
+        response.on_disconnect = task.cancel     # while routing: a prefill leg may be running
         try:
             try:
-                first = await anext(deltas)   # no response has started yet: errors are still 4xx/5xx
+                stream = await self.orch.start(rid, prompt, params, session, interval)
             except NoInstanceError as e:
-                raise APIError(503, str(e), type_="service_unavailable",
-                               headers={"retry-after": "1"}) from None
-            self.metrics.ttft.observe(time.perf_counter() - start)
-            if req.stream:
-                await self._stream(send, req, rid, deltas, first, prompt, stops, chat)
-            else:
-                await self._complete(send, rid, deltas, first, prompt, stops, chat)
-        except asyncio.CancelledError:
-            if not watcher.fired:
-                raise
-            asyncio.current_task().uncancel()   # the client left: nothing to answer
-            self.metrics.requests.labels("abort").inc()
+                raise APIError(503, str(e), type_="service_unavailable", headers={"retry-after": "1"}) from None
+            except asyncio.CancelledError:
+                if not response.disconnected:
+                    raise
+                task.uncancel()
+                self.metrics.requests.labels("abort").inc()
+                return
+            answer = (StreamedAnswer if req.stream else WholeAnswer)(self, response, req, rid, prompt,
+                                                                       stops, chat, start)
+            response.on_disconnect = answer.client_left
+            try:
+                stream.attach(answer.feed)
+                await answer.done
+            finally:
+                self.orch.release(stream)   # aborts the request in the engine if it is still running
         finally:
-            watcher.cancel()
-            await deltas.aclose()   # aborts the request in the engine if it is still running
             self.inflight -= 1
             self.metrics.running.dec()
             self.metrics.e2e.observe(time.perf_counter() - start)
-
-    async def _complete(self, send, rid, deltas, first, prompt, stops, chat):
-        n_prompt = len(prompt)
-        text = TextStream(self.tok, stops, prompt_ids=prompt)
-        parts, n_out, finish = [], 0, None
-        delta = first
-        while True:
-            n_out += len(delta.token_ids)
-            piece, stopped = text.feed(delta.token_ids)
-            parts.append(piece)
-            if delta.finish_reason == "error" or self._cut_by_shutdown(delta):
-                raise APIError(503, self._failure(delta), type_="server_error")
-            if stopped:
-                finish = "stop"
-                break
-            if delta.finish_reason is not None:
-                finish = delta.finish_reason
-                parts.append(text.finish())
-                break
-            delta = await anext(deltas)
-        self._count(finish, n_prompt, n_out, first.num_cached_tokens)
-        body = oa.full_response(chat, rid, self.model_name, "".join(parts), _openai_finish(finish),
-                                oa.usage(n_prompt, n_out, first.num_cached_tokens))
-        await _respond(send, 200, body, _JSON)
-
-    async def _stream(self, send, req, rid, deltas, first, prompt, stops, chat):
-        n_prompt = len(prompt)
-        out = ChunkWriter(chat, rid, self.model_name)
-        text = TextStream(self.tok, stops, prompt_ids=prompt)
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE})
-        n_out, finish = 0, None
-        try:
-            if chat:
-                await _chunk(send, out.role())
-            delta = first
-            while True:
-                n_out += len(delta.token_ids)
-                piece, stopped = text.feed(delta.token_ids)
-                if delta.finish_reason == "error" or self._cut_by_shutdown(delta):
-                    await _chunk(send, out.error(APIError(503, self._failure(delta), type_="server_error")))
-                    finish = "error"
-                    break
-                if stopped:
-                    finish = "stop"
-                elif delta.finish_reason is not None:
-                    finish = delta.finish_reason
-                    piece += text.finish()
-                if finish is not None:
-                    if piece:
-                        await _chunk(send, out.text(piece))
-                    await _chunk(send, out.finish(_openai_finish(finish)))
-                    break
-                if piece:
-                    await _chunk(send, out.text(piece))
-                delta = await anext(deltas)
-            if req.stream_options is not None and req.stream_options.include_usage:
-                await _chunk(send, out.usage(oa.usage(n_prompt, n_out, first.num_cached_tokens)))
-            await _chunk(send, ChunkWriter.DONE)
-        finally:
-            if finish is not None:
-                self._count(finish, n_prompt, n_out, first.num_cached_tokens)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
     def _cut_by_shutdown(delta) -> bool:
@@ -279,46 +203,113 @@ def _openai_finish(reason: str) -> str:
     return reason if reason in ("stop", "length") else "stop" if reason == "abort" else reason
 
 
-async def _chunk(send, data: bytes) -> None:
-    await send({"type": "http.response.body", "body": data, "more_body": True})
+class _Answer:
+    """One request's answer, fed its deltas by the engine-step fan-out; `done` resolves when the
+    response is complete or the client has left."""
+
+    def __init__(self, app: HeadApp, response: Response, req, rid: str, prompt: list[int],
+                 stops: list[str], chat: bool, start: float):
+        self.app = app
+        self.response = response
+        self.rid = rid
+        self.chat = chat
+        self.start = start
+        self.n_prompt = len(prompt)
+        self.n_out = 0
+        self.n_cached = 0
+        self.first = True
+        self.text = TextStream(app.tok, stops, prompt_ids=prompt)
+        self.done = asyncio.get_running_loop().create_future()
+
+    def feed(self, delta: P.Delta) -> None:
+        if self.done.done():
+            return
+        try:
+            if self.first:
+                self.first = False
+                self.n_cached = delta.num_cached_tokens
+                self.app.metrics.ttft.observe(time.perf_counter() - self.start)
+            self.n_out += len(delta.token_ids)
+            self._feed(delta)
+        except Exception as e:   # a bug: fail this request, not the fan-out
+            self.done.set_exception(e)
+
+    def _feed(self, delta: P.Delta) -> None:
+        raise NotImplementedError
+
+    def _finished(self, finish: str) -> None:
+        self.app._count(finish, self.n_prompt, self.n_out, self.n_cached)
+        self.done.set_result(None)
+
+    def client_left(self) -> None:
+        if not self.done.done():
+            self.app.metrics.requests.labels("abort").inc()
+            self.done.set_result(None)
 
 
-async def _respond(send, status: int, body: bytes, headers) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+class WholeAnswer(_Answer):
+    """A non-streamed answer: text collected, one JSON body at the end."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.parts: list[str] = []
+
+    def _feed(self, delta: P.Delta) -> None:
+        piece, stopped = self.text.feed(delta.token_ids)
+        self.parts.append(piece)
+        if delta.finish_reason == "error" or HeadApp._cut_by_shutdown(delta):
+            err = APIError(503, HeadApp._failure(delta), type_="server_error")
+            self.app.metrics.http_errors.labels(503).inc()
+            self.response.send(503, err.body(), JSON)
+            self.done.set_result(None)
+            return
+        if stopped:
+            finish = "stop"
+        elif delta.finish_reason is not None:
+            finish = delta.finish_reason
+            self.parts.append(self.text.finish())
+        else:
+            return
+        body = oa.full_response(self.chat, self.rid, self.app.model_name, "".join(self.parts),
+                                _openai_finish(finish), oa.usage(self.n_prompt, self.n_out, self.n_cached))
+        self.response.send(200, body, JSON)
+        self._finished(finish)
 
 
-async def _read_body(receive) -> bytes:
-    chunks, size = [], 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise APIError(400, "client disconnected")
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"request body exceeds {MAX_BODY_BYTES >> 20} MiB")
-        chunks.append(chunk)
-        if not msg.get("more_body"):
-            return b"".join(chunks)
+class StreamedAnswer(_Answer):
+    """Server-sent events: what each drain brought, detokenized and written as one write."""
 
+    def __init__(self, app, response, req, *args):
+        super().__init__(app, response, req, *args)
+        self.out = ChunkWriter(self.chat, self.rid, app.model_name)
+        self.include_usage = req.stream_options is not None and req.stream_options.include_usage
 
-class _DisconnectWatcher:
-    """Cancels the request's handler when the client disconnects, so the engine aborts it."""
-
-    __slots__ = ("fired", "_task")
-
-    def __init__(self, receive):
-        self.fired = False
-        handler = asyncio.current_task()
-
-        async def watch():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            self.fired = True
-            handler.cancel()
-
-        self._task = asyncio.get_running_loop().create_task(watch())
-
-    def cancel(self) -> None:
-        self._task.cancel()
+    def _feed(self, delta: P.Delta) -> None:
+        out, events = self.out, []
+        if not self.response.started:
+            self.response.start(200, SSE)
+            if self.chat:
+                events.append(out.role())
+        piece, stopped = self.text.feed(delta.token_ids)
+        finish = None
+        if delta.finish_reason == "error" or HeadApp._cut_by_shutdown(delta):
+            events.append(out.error(APIError(503, HeadApp._failure(delta), type_="server_error")))
+            finish = "error"
+        else:
+            if stopped:
+                finish = "stop"
+            elif delta.finish_reason is not None:
+                finish = delta.finish_reason
+                piece += self.text.finish()
+            if piece:
+                events.append(out.text(piece))
+        if finish is None:
+            self.response.write(b"".join(events))
+            return
+        if finish != "error":
+            events.append(out.finish(_openai_finish(finish)))
+        if self.include_usage:
+            events.append(out.usage(oa.usage(self.n_prompt, self.n_out, self.n_cached)))
+        events.append(ChunkWriter.DONE)
+        self.response.end(b"".join(events))
+        self._finished(finish)

@@ -8,21 +8,20 @@ Remote prefill is conditional: the decode instance (chosen first, by load) prefi
 the prompt's part it does not cache is short, or a small fraction of the prompt, or when the prefill
 pool is saturated, since then the transfer costs more than it saves.
 
-Between heartbeats the head keeps its own account of each instance's load: a request's uncached
-prompt blocks count as pending prefill until its first token, and its prompt blocks as held KV
-until it finishes. The `kv` policy reads both.
+Between heartbeats the head keeps its own account of each instance's load (`EngineClient.submit`):
+a request's uncached prompt blocks count as pending prefill until its first token, and its prompt
+blocks as held KV until it finishes. The `kv` policy reads both.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import msgspec
 
 from slurmserve.config import DisaggConfig
-from slurmserve.router.engine_client import EngineClient, Instance, NoInstanceError
+from slurmserve.router.engine_client import DeltaStream, EngineClient, Instance, NoInstanceError
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.policies import PrefixHasher, Route, kv_usage_estimate
 from slurmserve.runtime import protocol as P
@@ -52,11 +51,12 @@ class Orchestrator:
     def ready(self) -> bool:
         return self.client.all_ready()
 
-    async def generate(self, req_id: str, prompt: list[int], params: P.SamplingParams,
-                       session: bytes | None = None, interval: int = 1) -> AsyncIterator[P.Delta]:
-        """Deltas of the request; raises NoInstanceError before the first one if no engine can take it.
-        Requests of one `session` (a client-chosen id) stay on one instance while it lives. After the
-        first delta, the next comes once `interval` tokens have queued up, or at the end."""
+    async def start(self, req_id: str, prompt: list[int], params: P.SamplingParams,
+                    session: bytes | None = None, interval: int = 1) -> DeltaStream:
+        """Route the request and send it to an engine; its deltas come on the returned stream, which
+        the caller must `release`. Raises NoInstanceError if no engine can take it. Requests of one
+        `session` (a client-chosen id) stay on one instance while it lives. After the first delta,
+        the next comes once `interval` tokens have queued up, or at the end."""
         route = Route(prompt, self.hasher)
         kv_params = None
         if self.disaggregated:
@@ -69,22 +69,12 @@ class Orchestrator:
             uncached = route.prompt_blocks(inst.block_size) - route.overlap_blocks
         if kv_params is not None:
             uncached = 0     # the decode instance only pulls KV; it computes nothing
-        held = route.prompt_blocks(inst.block_size)
-        inst.prefill_blocks += uncached
-        inst.decode_blocks += held
-        stream = self.client.submit(inst, req_id, prompt, params, kv_params, interval)
-        prefilling = True
-        try:
-            async for delta in stream:
-                if prefilling:
-                    prefilling = False
-                    inst.prefill_blocks -= uncached
-                yield delta
-        finally:
-            if prefilling:
-                inst.prefill_blocks -= uncached
-            inst.decode_blocks -= held
-            self.client.release(stream)
+        return self.client.submit(inst, req_id, prompt, params, kv_params, interval,
+                                  prefill_blocks=uncached, held_blocks=route.prompt_blocks(inst.block_size))
+
+    def release(self, stream: DeltaStream) -> None:
+        """The request is over for its client: forget it, and abort it if the engine still runs it."""
+        self.client.release(stream)
 
     def _choose(self, role: str, route: Route, session: bytes | None) -> Instance:
         if session is None:
@@ -130,8 +120,8 @@ class Orchestrator:
             return None
         leg = msgspec.structs.replace(params, max_tokens=1, min_tokens=0)
         uncached = route.prompt_blocks(inst.block_size) - route.overlap_blocks
-        inst.prefill_blocks += uncached
-        stream = self.client.submit(inst, f"{req_id}-prefill", prompt, leg, dict(REMOTE_DECODE))
+        stream = self.client.submit(inst, f"{req_id}-prefill", prompt, leg, dict(REMOTE_DECODE),
+                                    prefill_blocks=uncached)
         last = None
         try:
             async with asyncio.timeout(self.prefill_timeout_s):
@@ -142,7 +132,6 @@ class Orchestrator:
             log.warning("prefill of %s on instance %d timed out; prefilling on decode", req_id, inst.index)
             return None
         finally:
-            inst.prefill_blocks -= uncached
             self.client.release(stream)
         if last is None or last.finish_reason in ("error", "abort") or not last.kv_transfer_params:
             self.metrics.disagg.labels("fallback_prefill_failed").inc()

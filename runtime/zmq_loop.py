@@ -22,10 +22,13 @@ _DRAIN_BATCH = 512   # messages handled per callback before yielding to the loop
 
 
 class LoopSocket:
-    def __init__(self, sock: zmq.Socket, on_message: Callable, frames: int = 1):
-        """`on_message(frame)` for one-frame messages, `on_message(frame0, frame1, ...)` otherwise."""
+    def __init__(self, sock: zmq.Socket, on_message: Callable, frames: int = 1,
+                 on_drained: Callable[[], None] | None = None):
+        """`on_message(frame)` for one-frame messages, `on_message(frame0, frame1, ...)` otherwise;
+        `on_drained()` after each run of messages (the head writes what a run brought at once)."""
         self.sock = sock
         self.on_message = on_message
+        self.on_drained = on_drained
         self.frames = frames
         self._loop = asyncio.get_running_loop()
         self._fd = sock.getsockopt(zmq.FD)
@@ -41,25 +44,36 @@ class LoopSocket:
 
     def _drain(self) -> None:
         self._drain_scheduled = False
+        received = self._receive()
+        if received and self.on_drained is not None and not self._closed:
+            try:
+                self.on_drained()
+            except Exception:
+                log.exception("drain handler failed")
+        if received == _DRAIN_BATCH:
+            self._schedule_drain()   # more may be queued: continue after other callbacks had a turn
+
+    def _receive(self) -> int:
+        """Handle queued messages, up to _DRAIN_BATCH; how many there were."""
         recv, handle, more = self.sock.recv, self.on_message, self.frames - 1
-        for _ in range(_DRAIN_BATCH):
+        for n in range(_DRAIN_BATCH):
             if self._closed:
-                return
+                return n
             try:
                 first = recv(zmq.NOBLOCK)
                 # a multipart message arrives whole, so its other frames are already here
                 rest = [recv(zmq.NOBLOCK) for _ in range(more)] if more else ()
             except zmq.Again:
-                return
+                return n
             except zmq.ZMQError as e:
                 if not self._closed:
                     log.warning("zmq receive failed: %s", e)
-                return
+                return n
             try:
                 handle(first, *rest)
             except Exception:
                 log.exception("message handler failed")
-        self._schedule_drain()   # more may be queued: continue after other callbacks had a turn
+        return _DRAIN_BATCH
 
     def send_to(self, identity: bytes, payload: bytes) -> None:
         """ROUTER: one message to the peer with this identity."""
