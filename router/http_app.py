@@ -151,7 +151,7 @@ class HeadApp:
             else WHOLE_ANSWER
         start = time.perf_counter()
         self.inflight += 1
-        self.metrics.running.inc()
+        self.metrics.requests.running += 1
         task = asyncio.current_task()
         response.on_disconnect = task.cancel     # while routing: a prefill leg may be running
         try:
@@ -163,7 +163,7 @@ class HeadApp:
                 if not response.disconnected:
                     raise
                 task.uncancel()
-                self.metrics.requests.labels("abort").inc()
+                self.metrics.requests.count("abort")
                 return
             answer = (StreamedAnswer if req.stream else WholeAnswer)(self, response, req, rid, prompt,
                                                                        stops, chat, start)
@@ -175,8 +175,8 @@ class HeadApp:
                 self.orch.release(stream)   # aborts the request in the engine if it is still running
         finally:
             self.inflight -= 1
-            self.metrics.running.dec()
-            self.metrics.e2e.observe(time.perf_counter() - start)
+            self.metrics.requests.running -= 1
+            self.metrics.requests.e2e.observe(time.perf_counter() - start)
 
     @staticmethod
     def _cut_by_shutdown(delta) -> bool:
@@ -190,13 +190,6 @@ class HeadApp:
         if delta.finish_reason == "abort":
             return "the engine stopped before the request completed (the deployment is shutting down)"
         return delta.error or "engine failed"
-
-    def _count(self, finish: str | None, n_prompt: int, n_out: int, n_cached: int) -> None:
-        m = self.metrics
-        m.requests.labels(finish or "unknown").inc()
-        m.prompt_tokens.inc(n_prompt)
-        m.cached_tokens.inc(n_cached)
-        m.generation_tokens.inc(n_out)
 
 
 def _openai_finish(reason: str) -> str:
@@ -228,7 +221,7 @@ class _Answer:
             if self.first:
                 self.first = False
                 self.n_cached = delta.num_cached_tokens
-                self.app.metrics.ttft.observe(time.perf_counter() - self.start)
+                self.app.metrics.requests.ttft.observe(time.perf_counter() - self.start)
             self.n_out += len(delta.token_ids)
             self._feed(delta)
         except Exception as e:   # a bug: fail this request, not the fan-out
@@ -238,12 +231,12 @@ class _Answer:
         raise NotImplementedError
 
     def _finished(self, finish: str) -> None:
-        self.app._count(finish, self.n_prompt, self.n_out, self.n_cached)
+        self.app.metrics.requests.count(finish, self.n_prompt, self.n_cached, self.n_out)
         self.done.set_result(None)
 
     def client_left(self) -> None:
         if not self.done.done():
-            self.app.metrics.requests.labels("abort").inc()
+            self.app.metrics.requests.count("abort")
             self.done.set_result(None)
 
 

@@ -19,6 +19,8 @@ import zmq
 log = logging.getLogger(__name__)
 
 _DRAIN_BATCH = 512   # messages handled per callback before yielding to the loop
+_NOBLOCK = int(zmq.NOBLOCK)                  # plain ints: or-ing the flag enums costs per call
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 class LoopSocket:
@@ -60,9 +62,9 @@ class LoopSocket:
             if self._closed:
                 return n
             try:
-                first = recv(zmq.NOBLOCK)
+                first = recv(_NOBLOCK)
                 # a multipart message arrives whole, so its other frames are already here
-                rest = [recv(zmq.NOBLOCK) for _ in range(more)] if more else ()
+                rest = [recv(_NOBLOCK) for _ in range(more)] if more else ()
             except zmq.Again:
                 return n
             except zmq.ZMQError as e:
@@ -77,12 +79,12 @@ class LoopSocket:
 
     def send_to(self, identity: bytes, payload: bytes) -> None:
         """ROUTER: one message to the peer with this identity."""
-        self.sock.send(identity, zmq.NOBLOCK | zmq.SNDMORE)
-        self.sock.send(payload, zmq.NOBLOCK)
+        self.sock.send(identity, _NOBLOCK_MORE)
+        self.sock.send(payload, _NOBLOCK)
         self._schedule_drain()
 
     def send(self, data: bytes) -> None:
-        self.sock.send(data, zmq.NOBLOCK)
+        self.sock.send(data, _NOBLOCK)
         self._schedule_drain()
 
     def close(self, linger_ms: int = 0) -> None:
