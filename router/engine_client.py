@@ -56,8 +56,8 @@ class Instance:
 class DeltaStream:
     """Deltas of one request on one instance, read in one of two ways:
 
-    * `async for delta in stream` (the prefill leg, whole answers), where deltas that queued up
-      meanwhile come merged as one;
+    * `async for delta in stream` (the prefill leg of a disaggregated request), where deltas
+      that queued up meanwhile come merged as one;
     * `stream.attach(sink)`: after every drain of the control socket, `sink(delta)` gets the
       request's new deltas merged into one, called from the fan-out itself. A streamed answer goes
       to its HTTP connection this way, with no task woken per engine step.

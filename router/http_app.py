@@ -178,18 +178,17 @@ class HeadApp:
             self.metrics.requests.running -= 1
             self.metrics.requests.e2e.observe(time.perf_counter() - start)
 
-    @staticmethod
-    def _cut_by_shutdown(delta) -> bool:
-        """An abort that reaches a client still being answered came from the engine's side (its rank
-        got SIGTERM: scancel, the time limit): the request did not finish, so the client gets an
-        error, not a short answer that looks complete. (A client that left is not answered.)"""
-        return delta.finish_reason == "abort"
 
-    @staticmethod
-    def _failure(delta) -> str:
-        if delta.finish_reason == "abort":
-            return "the engine stopped before the request completed (the deployment is shutting down)"
+def _engine_failure(delta: P.Delta) -> str | None:
+    """Why the engine ended the request without an answer, or None. An abort that reaches a client
+    still being answered came from the engine's side (its rank got SIGTERM: scancel, the time
+    limit): the request did not finish, so the client gets an error, not a short answer that looks
+    complete. (A client that left is not answered.)"""
+    if delta.finish_reason == "abort":
+        return "the engine stopped before the request completed (the deployment is shutting down)"
+    if delta.finish_reason == "error":
         return delta.error or "engine failed"
+    return None
 
 
 def _openai_finish(reason: str) -> str:
@@ -250,8 +249,8 @@ class WholeAnswer(_Answer):
     def _feed(self, delta: P.Delta) -> None:
         piece, stopped = self.text.feed(delta.token_ids)
         self.parts.append(piece)
-        if delta.finish_reason == "error" or HeadApp._cut_by_shutdown(delta):
-            err = APIError(503, HeadApp._failure(delta), type_="server_error")
+        if (failure := _engine_failure(delta)) is not None:
+            err = APIError(503, failure, type_="server_error")
             self.app.metrics.http_errors.labels(503).inc()
             self.response.send(503, err.body(), JSON)
             self.done.set_result(None)
@@ -285,8 +284,8 @@ class StreamedAnswer(_Answer):
                 events.append(out.role())
         piece, stopped = self.text.feed(delta.token_ids)
         finish = None
-        if delta.finish_reason == "error" or HeadApp._cut_by_shutdown(delta):
-            events.append(out.error(APIError(503, HeadApp._failure(delta), type_="server_error")))
+        if (failure := _engine_failure(delta)) is not None:
+            events.append(out.error(APIError(503, failure, type_="server_error")))
             finish = "error"
         else:
             if stopped:
