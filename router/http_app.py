@@ -47,7 +47,6 @@ class HeadApp:
         self.max_model_len = max_model_len
         self._api_key = api_key.encode()
         self.max_concurrent = max_concurrent
-        self.inflight = 0
         self.draining = False
         self.created = int(time.time())
         self.routes = {
@@ -58,6 +57,11 @@ class HeadApp:
             ("GET", "/metrics"): self.prometheus,
         }
         self.open_paths = {"/health"}
+
+    @property
+    def inflight(self) -> int:
+        """Requests being answered (the `slurmserve:num_requests_running` gauge)."""
+        return self.metrics.requests.running
 
     # ---- entry ----------------------------------------------------------------------------------
 
@@ -123,12 +127,8 @@ class HeadApp:
             except (ValueError, TypeError, KeyError) as e:
                 raise APIError(400, f"messages: {e}", param="messages") from None
         else:
-            p = oa.completion_prompt(req)
-            if isinstance(p, str):
-                prompt = self.tok.encode(p)
-            else:
-                oa.check_token_ids(p, self.tok.vocab_size)
-                prompt = p
+            p = oa.completion_prompt(req, self.tok.vocab_size)
+            prompt = self.tok.encode(p) if isinstance(p, str) else p
         if not prompt:
             raise APIError(400, "the prompt has no tokens", param="prompt")
         params = oa.sampling_params(req, len(prompt), self.max_model_len, self.tok.vocab_size,
@@ -150,7 +150,6 @@ class HeadApp:
         interval = max(self.stream_interval, req.stream_interval or 1) if req.stream or stops \
             else WHOLE_ANSWER
         start = time.perf_counter()
-        self.inflight += 1
         self.metrics.requests.running += 1
         task = asyncio.current_task()
         response.on_disconnect = task.cancel     # while routing: a prefill leg may be running
@@ -174,7 +173,6 @@ class HeadApp:
             finally:
                 self.orch.release(stream)   # aborts the request in the engine if it is still running
         finally:
-            self.inflight -= 1
             self.metrics.requests.running -= 1
             self.metrics.requests.e2e.observe(time.perf_counter() - start)
 

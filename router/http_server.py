@@ -82,25 +82,15 @@ class Response:
             b"transfer-encoding: chunked\r\n\r\n" if self._chunked else b"\r\n")
 
     def write(self, data: bytes) -> None:
-        if self.finished or not data:
-            return
-        out = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
-        if self._head is not None:
-            out, self._head = self._head + out, None
-        self._emit(out)
+        if not self.finished and data:
+            self._emit(self._frame(data))
 
     def end(self, data: bytes = b"") -> None:
         """The last `data`, if any, and the end of the body, in one write."""
         if self.finished:
             return
-        out = b""
-        if data:
-            out = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
-        if self._chunked:
-            out += _LAST_CHUNK
-        if self._head is not None:
-            out, self._head = self._head + out, None
-        self._emit(out)
+        out = self._frame(data) if data else b""
+        self._emit(out + _LAST_CHUNK if self._chunked else out)
         self._finish()
 
     async def drain(self) -> None:
@@ -115,7 +105,12 @@ class Response:
             parts.append(b"connection: close\r\n")
         return b"".join(parts)
 
+    def _frame(self, data: bytes) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
+
     def _emit(self, data: bytes) -> None:
+        if self._head is not None:     # the first write after start() carries the headers
+            data, self._head = self._head + data, None
         if not self.disconnected:
             self._conn.transport.write(data)
 
