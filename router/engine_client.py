@@ -142,6 +142,10 @@ class EngineClient:
         self.on_instance_down = on_instance_down
         self.streams: dict[str, DeltaStream] = {}
         self._dirty: list[DeltaStream] = []   # streams with a sink and undelivered deltas
+        # StepOutputs read per instance identity, and how many of them we have confirmed
+        self._read: dict[bytes, int] = dict.fromkeys(self.by_identity, 0)
+        self._confirmed: dict[bytes, int] = dict.fromkeys(self.by_identity, 0)
+        self._window_full: list[bytes] = []
         self._tasks: list[asyncio.Task] = []
         self.closing = False
         for inst in instances:
@@ -216,6 +220,9 @@ class EngineClient:
     def _on_message(self, identity: bytes, payload: bytes) -> None:
         msg = P.decode_to_head(payload)
         if type(msg) is P.StepOutputs:
+            read = self._read[identity] = self._read.get(identity, 0) + 1
+            if read - self._confirmed.get(identity, 0) == P.OUTPUT_WINDOW:
+                self._window_full.append(identity)
             streams, dirty = self.streams, self._dirty
             for delta in msg.deltas:
                 stream = streams.get(delta.req_id)
@@ -234,7 +241,14 @@ class EngineClient:
             self._drop(inst, f"instance {inst.index} left: {msg.reason}")
 
     def _flush(self) -> None:
-        """After a drain: each attached stream gets what this drain brought it, as one delta."""
+        """After a drain: instances whose output window we emptied may send again (told first,
+        so that their next message travels while we write); then each attached stream gets what
+        this drain brought it, as one delta."""
+        if self._window_full:
+            for identity in self._window_full:
+                self._confirmed[identity] = read = self._read[identity]
+                self.sock.send_to(identity, P.encode(P.Consumed(read)))
+            self._window_full.clear()
         dirty, self._dirty = self._dirty, []
         for stream in dirty:
             try:

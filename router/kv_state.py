@@ -8,7 +8,6 @@ mode, by the router's own decisions (then events are only counted).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from slurmserve.kvfabric.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSubscriber
 from slurmserve.kvfabric.kv_index import ApproxKVIndex, KVIndex
@@ -22,25 +21,21 @@ class KVState:
         self.metrics = metrics
         self.index = KVIndex() if index is None else index
         self._from_events = type(self.index) is KVIndex
-        self._count: dict[tuple[int, type], Any] = {}   # (instance, event class) -> counter child
+        self._tally = metrics.kv_events.tally
         self.unknown: set[int] = set()   # instances whose cache state we may have missed events of
         self.subscriber = KVEventSubscriber(self.on_batch, self.on_gap)
 
     def watch(self, instance: int, endpoint: str, server_key: bytes | None) -> None:
         for cls in (BlockStored, BlockRemoved, AllBlocksCleared):
-            self._count[instance, cls] = self.metrics.kv_events.labels(cls.__name__, instance)
+            self._tally[cls, instance] += 0   # every series shows from the start, at 0
         self.subscriber.add(instance, endpoint, server_key)
 
     def on_batch(self, instance: int, seq: int, events: list) -> None:
         if self._from_events:
             self.index.apply(instance, events)
-        count = self._count
+        tally = self._tally
         for ev in events:
-            counter = count.get((instance, type(ev)))
-            if counter is None:
-                counter = count[instance, type(ev)] = self.metrics.kv_events.labels(type(ev).__name__,
-                                                                                    instance)
-            counter.inc()
+            tally[type(ev), instance] += 1
             if type(ev) is AllBlocksCleared:
                 self.unknown.discard(instance)   # an empty cache is known again
 

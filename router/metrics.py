@@ -87,6 +87,21 @@ class RequestMetrics(Collector):
         yield self.e2e.family()
 
 
+class KVEventCounts(Collector):
+    """KV events received, by event type and instance: a tally bumped per event (a busy fleet
+    sends thousands a second), made into a counter family when /metrics is read."""
+
+    def __init__(self):
+        self.tally: Tally[tuple[type, int]] = Tally()    # (event class, instance) -> events
+
+    def collect(self):
+        family = CounterMetricFamily("slurmserve:kv_events", "KV events received from engines",
+                                     labels=["type", "instance"])
+        for (cls, instance), n in sorted(self.tally.items(), key=lambda kv: (kv[0][0].__name__, kv[0][1])):
+            family.add_metric([cls.__name__, str(instance)], n)
+        yield family
+
+
 class HeadMetrics:
     def __init__(self, model_name: str):
         r = self.registry = CollectorRegistry()
@@ -101,8 +116,8 @@ class HeadMetrics:
                               for field, (name, doc) in _LOAD_GAUGES.items()}
         self.disagg = Counter("slurmserve:disagg_requests", "Disaggregated requests by path",
                               ["path"], registry=r)
-        self.kv_events = Counter("slurmserve:kv_events", "KV events received from engines",
-                                 ["type", "instance"], registry=r)
+        self.kv_events = KVEventCounts()
+        r.register(self.kv_events)
         self.kv_event_gaps = Counter("slurmserve:kv_event_gaps", "KV-event sequence gaps",
                                      ["instance"], registry=r)
 

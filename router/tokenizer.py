@@ -187,10 +187,10 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self._backend.decode(ids, skip_special_tokens=self._skip)
 
-    def step(self, new_ids: Iterable[int]) -> str:
+    def step(self, new_ids: Sequence[int]) -> str:
         """Add output tokens; return the text they complete (possibly "")."""
         drop = self._drop
-        if drop:
+        if drop and not drop.isdisjoint(new_ids):
             self._ids.extend(t for t in new_ids if t not in drop)
         else:
             self._ids.extend(new_ids)
@@ -316,7 +316,7 @@ class TextStream:
     def stop_str(self) -> str | None:
         return self._stop.stop_str
 
-    def feed(self, ids: Iterable[int]) -> tuple[str, bool]:
+    def feed(self, ids: Sequence[int]) -> tuple[str, bool]:
         if self._stop.stopped:
             return "", True
         return self._stop.feed(self._detok.step(ids))

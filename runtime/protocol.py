@@ -1,7 +1,8 @@
 """Messages between the head and the engine ranks over ZeroMQ: msgspec structs in msgpack.
 
 One ROUTER socket on the head, one DEALER per engine instance. Workers send one `StepOutputs` per
-engine step carrying every request's new tokens, not one message per token. Bumping
+engine step carrying every request's new tokens, not one message per token, and keep at most
+OUTPUT_WINDOW of them unread by the head: see `Consumed`. Bumping
 PROTOCOL_VERSION is required whenever a struct changes; ranks compare it at bootstrap.
 
 Every struct is `gc=False`: messages hold only plain values, never a cycle, so the garbage
@@ -14,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class SamplingParams(msgspec.Struct, gc=False, omit_defaults=True, forbid_unknown_fields=True):
@@ -51,7 +52,22 @@ class Shutdown(msgspec.Struct, gc=False, tag=True):
 
 
 class Ping(msgspec.Struct, gc=False, tag=True):
-    """The head is alive; a worker that hears nothing from the head for a while exits."""
+    """The head is alive; a worker that hears nothing from the head for a while exits. It also
+    stands in for a `Consumed` that was lost, so a worker never waits longer than a ping period."""
+
+
+class Consumed(msgspec.Struct, gc=False, tag=True):
+    """The head has read `read` of the worker's `StepOutputs` so far.
+
+    Flow control: a worker keeps at most OUTPUT_WINDOW of them unread. Steps that end while the
+    window is full are merged into the worker's next message, so a head that falls behind reads
+    fewer, larger messages instead of a backlog of one per step. The head confirms only when the
+    window has filled, so a head that keeps up costs one extra small message per OUTPUT_WINDOW
+    steps and nothing waits."""
+    read: int
+
+
+OUTPUT_WINDOW = 2
 
 
 # ---- worker -> head -----------------------------------------------------------------------------
@@ -72,6 +88,20 @@ def merge_deltas(deltas: list[Delta]) -> Delta:
     tokens = [t for d in deltas for t in d.token_ids]
     return Delta(first.req_id, tokens, last.finish_reason, first.num_prompt_tokens,
                  first.num_cached_tokens, last.error, last.kv_transfer_params)
+
+
+def coalesce(deltas: list[Delta]) -> list[Delta]:
+    """Deltas of several engine steps with each request's merged into one, in arrival order."""
+    by_req: dict[str, list[Delta]] = {}
+    for d in deltas:
+        run = by_req.get(d.req_id)
+        if run is None:
+            by_req[d.req_id] = [d]
+        else:
+            run.append(d)
+    if len(by_req) == len(deltas):
+        return deltas
+    return [run[0] if len(run) == 1 else merge_deltas(run) for run in by_req.values()]
 
 
 class StepOutputs(msgspec.Struct, gc=False, tag=True):
@@ -100,7 +130,7 @@ class Goodbye(msgspec.Struct, gc=False, tag=True):
     reason: str = ""
 
 
-ToWorker = Generate | Abort | Shutdown | Ping
+ToWorker = Generate | Abort | Shutdown | Ping | Consumed
 ToHead = StepOutputs | Heartbeat | Goodbye
 
 _enc = msgspec.msgpack.Encoder()

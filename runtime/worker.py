@@ -4,6 +4,10 @@ Every request runs as a task that appends its deltas to a shared list; the first
 loop iteration schedules one flush, so all the tokens an engine step produced leave together.
 A request's first token leaves at once; later ones wait until its stream interval is reached (or
 it ends), so an answer read only whole costs two deltas, not one per token.
+
+At most OUTPUT_WINDOW messages are unread by the head at a time (protocol.Consumed): while the
+window is full, further steps' deltas wait here and leave merged, one delta per request, as soon
+as the head has caught up. The head's work per message is its scarce resource; the engine's is not.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class Worker:
         self.tasks: dict[str, asyncio.Task] = {}
         self.pending: list[P.Delta] = []
         self.flush_scheduled = False
+        self.sent = 0           # StepOutputs sent, and read by the head as far as it has told us
+        self.read = 0
         self.stopping = asyncio.Event()
 
     # ---- outputs --------------------------------------------------------------------------------
@@ -56,11 +62,12 @@ class Worker:
             self.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def _flush(self) -> None:
+    def _flush(self, force: bool = False) -> None:
         self.flush_scheduled = False
-        if self.pending:
-            batch, self.pending = self.pending, []
+        if self.pending and (self.sent - self.read < P.OUTPUT_WINDOW or force):
+            batch, self.pending = P.coalesce(self.pending), []
             self.sock.send(P.encode(P.StepOutputs(batch)))
+            self.sent += 1
 
     async def _run_request(self, msg: P.Generate) -> None:
         req = EngineRequest(msg.req_id, msg.prompt_token_ids, msg.params, msg.kv_transfer_params)
@@ -106,7 +113,11 @@ class Worker:
     def _on_message(self, payload: bytes) -> None:
         msg = P.decode_to_worker(payload)
         self.head_seen = time.monotonic()
-        if type(msg) is P.Generate:
+        if type(msg) is P.Consumed or type(msg) is P.Ping:
+            self.read = max(self.read, msg.read) if type(msg) is P.Consumed else self.sent
+            if self.pending and not self.flush_scheduled:
+                self._flush()
+        elif type(msg) is P.Generate:
             self.tasks[msg.req_id] = asyncio.create_task(self._run_request(msg))
         elif type(msg) is P.Abort:
             for req_id in msg.req_ids:
@@ -129,7 +140,7 @@ class Worker:
             self.engine.abort(req_id)
         if self.tasks:
             await asyncio.wait(list(self.tasks.values()), timeout=2.0)
-        self._flush()
+        self._flush(force=True)
         self.sock.send(P.encode(P.Goodbye(self.instance, "shutdown")))
         await self.engine.stop()
         self.sock.close(linger_ms=200)
