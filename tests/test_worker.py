@@ -1,15 +1,21 @@
-"""The engine rank's loop against the head's real control socket (CURVE ROUTER), the test playing
-the head: one message per engine step, and at most OUTPUT_WINDOW of them unread."""
+"""Flow control of the engine ranks' output, one side at a time over the real CURVE control socket:
+a Worker with the test playing the head (at most OUTPUT_WINDOW step messages unread, the rest
+merged), and the head's EngineClient with the test playing a worker (it confirms full windows)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
+import zmq
+
+from slurmserve.router.engine_client import EngineClient, Instance
 from slurmserve.router.head import Head
+from slurmserve.router.metrics import HeadMetrics
 from slurmserve.runtime import protocol as P
 from slurmserve.runtime.engine import EngineRequest
 from slurmserve.runtime.worker import Worker
-from test_sim_engine import make_engine, model_dir, params  # noqa: F401  (model_dir: fixture)
+from test_sim_engine import make_engine, params
 
 
 IDENTITY = b"instance-0"
@@ -74,7 +80,7 @@ def with_worker(model_dir, body) -> None:
         head.close()
 
 
-def test_a_worker_that_is_not_read_merges_later_steps_into_one_message(model_dir):
+def test_a_worker_that_is_not_read_merges_later_steps_into_one_message(tiny_model_dir):
     """While the head reads nothing, the worker sends OUTPUT_WINDOW step messages and holds the
     rest; once told they were read, everything held leaves as one delta per request, in order."""
     prompts = {"a": list(range(5, 25)), "b": list(range(9, 29))}
@@ -97,7 +103,7 @@ def test_a_worker_that_is_not_read_merges_later_steps_into_one_message(model_dir
         for msg in (*window, held):
             for d in msg.deltas:
                 tokens[d.req_id] += d.token_ids
-        solo = make_engine(model_dir)
+        solo = make_engine(tiny_model_dir)
         await solo.start()
         try:   # nothing lost, repeated or reordered: the tokens an engine read at once gives
             for req_id, prompt in prompts.items():
@@ -107,10 +113,10 @@ def test_a_worker_that_is_not_read_merges_later_steps_into_one_message(model_dir
         finally:
             await solo.stop()
 
-    with_worker(model_dir, body)
+    with_worker(tiny_model_dir, body)
 
 
-def test_a_ping_reopens_the_window_when_a_confirmation_is_lost(model_dir):
+def test_a_ping_reopens_the_window_when_a_confirmation_is_lost(tiny_model_dir):
     """Pings come every quarter second; one stands in for a lost Consumed."""
 
     async def body(head):
@@ -122,4 +128,50 @@ def test_a_ping_reopens_the_window_when_a_confirmation_is_lost(model_dir):
         rest = await head.next_outputs()
         assert rest is not None and rest.deltas[-1].finish_reason == "length"
 
-    with_worker(model_dir, body)
+    with_worker(tiny_model_dir, body)
+
+
+def test_the_head_confirms_each_full_window_once_it_has_read_it():
+    """Without confirmations a worker would wait for the next ping (a quarter second) every
+    OUTPUT_WINDOW steps: everything would still work, only slowly, so this is checked directly."""
+    zctx, sock, endpoints = Head.bind_control_socket("127.0.0.1")
+    dealer = zctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, IDENTITY)
+    dealer.curve_serverkey = endpoints["control_key"].encode()
+    dealer.curve_publickey, dealer.curve_secretkey = zmq.curve_keypair()
+    dealer.connect(endpoints["control"])
+
+    def confirmations(wait_s: float) -> list[int]:
+        """The `read` counts of the Consumed messages that arrive within wait_s (pings skipped)."""
+        got, deadline = [], time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            if dealer.poll(int(left * 1000) + 1):
+                msg = P.decode_to_worker(dealer.recv())
+                if type(msg) is P.Consumed:
+                    got.append(msg.read)
+        return got
+
+    async def main():
+        inst = Instance(index=0, role="worker", identity=IDENTITY, address="127.0.0.1")
+        client = EngineClient(sock, [inst], {}, HeadMetrics("m"), heartbeat_timeout_s=60.0)
+        client.start()
+        loop = asyncio.get_running_loop()
+        step = P.encode(P.StepOutputs([P.Delta("r", [7])]))
+        for _ in range(P.OUTPUT_WINDOW - 1):
+            dealer.send(step)
+        assert await loop.run_in_executor(None, confirmations, 0.3) == [], "a window not yet full"
+        dealer.send(step)
+        assert await loop.run_in_executor(None, confirmations, 0.3) == [P.OUTPUT_WINDOW]
+        for _ in range(2 * P.OUTPUT_WINDOW):
+            dealer.send(step)
+        # one confirmation per drain that filled a window, carrying everything read so far
+        got = await loop.run_in_executor(None, confirmations, 0.3)
+        assert got and got == sorted(got) and got[-1] == 3 * P.OUTPUT_WINDOW
+        await client.close("test over", grace_s=0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        dealer.close(linger=0)
+        sock.close(linger=0)
+        zctx.term()
