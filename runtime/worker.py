@@ -69,6 +69,11 @@ class Worker:
             self.sock.send(P.encode(P.StepOutputs(batch)))
             self.sent += 1
 
+    def _window_reopened(self, read: int) -> None:
+        self.read = read
+        if self.pending and not self.flush_scheduled:
+            self._flush()
+
     async def _run_request(self, msg: P.Generate) -> None:
         req = EngineRequest(msg.req_id, msg.prompt_token_ids, msg.params, msg.kv_transfer_params)
         interval, held, n_held, sent_first = msg.stream_interval, [], 0, False
@@ -113,10 +118,10 @@ class Worker:
     def _on_message(self, payload: bytes) -> None:
         msg = P.decode_to_worker(payload)
         self.head_seen = time.monotonic()
-        if type(msg) is P.Consumed or type(msg) is P.Ping:
-            self.read = max(self.read, msg.read) if type(msg) is P.Consumed else self.sent
-            if self.pending and not self.flush_scheduled:
-                self._flush()
+        if type(msg) is P.Consumed:
+            self._window_reopened(max(self.read, msg.read))
+        elif type(msg) is P.Ping:      # stands in for a Consumed that was lost
+            self._window_reopened(self.sent)
         elif type(msg) is P.Generate:
             self.tasks[msg.req_id] = asyncio.create_task(self._run_request(msg))
         elif type(msg) is P.Abort:
