@@ -17,7 +17,7 @@ from test_slurm_launcher import (assert_nothing_left, cli, cluster, sim_dict, st
                                  write_config)
 
 from slurmserve.launcher import registry
-from slurmserve.launcher.sbatch import job_state
+from slurmserve.launcher.sbatch import ACTIVE_STATES, job_state
 
 
 def test_sbatch_script_runs_the_batch(tmp_path, tiny_model_dir):
@@ -92,12 +92,16 @@ def test_job_array_shards_then_merge(cluster, tmp_path, tiny_model_dir):  # noqa
     sub = subprocess.run(["sbatch", "--parsable", "--array=0-1", str(script)], capture_output=True, text=True)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
+    # Wait on the accounting record, not squeue: slurmdbd learns a task's end a moment after
+    # squeue stops listing it, so a task can still read RUNNING in sacct once squeue is empty.
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and subprocess.run(
-            ["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+    while True:
+        states = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "JobID,State"],
+                                capture_output=True, text=True).stdout.splitlines()
+        ended = len(states) == 2 and not any(s.split("|")[1] in ACTIVE_STATES for s in states)
+        if ended or time.monotonic() > deadline:
+            break
         time.sleep(0.5)
-    states = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "JobID,State"],
-                            capture_output=True, text=True).stdout.split()
     assert sorted(states) == [f"{job}_0|COMPLETED", f"{job}_1|COMPLETED"], states
     for task in (0, 1):
         task_dir = logs / f"array-task-{task}"
