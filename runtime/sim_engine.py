@@ -151,8 +151,8 @@ def decode_step_ms(coeffs: tuple[float, float, float], utilization: float) -> fl
 class _Req:
     __slots__ = ("req_id", "prompt_len", "tokens", "max_tokens", "min_tokens", "ignore_eos", "stop_ids",
                  "num_computed", "block_ids", "hashes", "num_stored", "num_cached", "num_out", "rng",
-                 "out", "finish", "error", "waiter", "first_sent", "prefill_only", "remote", "kv_params",
-                 "kv_out", "state")
+                 "out", "finish", "shown", "shown_finish", "error", "waiter", "first_sent", "prefill_only",
+                 "remote", "kv_params", "kv_out", "state")
 
     def __init__(self, request: EngineRequest, rng: int, max_tokens: int):
         p = request.params
@@ -170,8 +170,10 @@ class _Req:
         self.num_cached: int | None = None
         self.num_out = 0
         self.rng = rng
-        self.out: list[int] = []       # tokens not yet handed to the stream
+        self.out: list[int] = []       # tokens sampled in a step whose time has not elapsed yet
         self.finish: str | None = None
+        self.shown: list[int] = []     # tokens delivered (their step is over), not yet streamed
+        self.shown_finish: str | None = None
         self.error: str | None = None
         self.waiter: asyncio.Future | None = None
         self.first_sent = False
@@ -306,11 +308,11 @@ class SimEngine(Engine):
         loop = asyncio.get_running_loop()
         try:
             while True:
-                if not req.out and req.finish is None:
+                if not req.shown and req.shown_finish is None:
                     req.waiter = loop.create_future()
                     await req.waiter
-                toks, req.out = req.out, []
-                finish = req.finish
+                toks, req.shown = req.shown, []
+                finish = req.shown_finish
                 if req.first_sent:
                     yield Delta(req_id, toks, finish, error=req.error, kv_transfer_params=req.kv_out)
                 else:
@@ -437,8 +439,18 @@ class SimEngine(Engine):
         # _LOADING: the pull may still be writing into its blocks; _landed frees them
         req.state = _DONE
         req.finish = reason
+        self._show(req)
         if notify:
             self._notify(req)
+
+    @staticmethod
+    def _show(req: _Req) -> None:
+        """Hand the stream what the request's last step produced. The loop schedules (and samples)
+        the next step before it sleeps, so `out` may already hold a token whose time is not up."""
+        if req.out:
+            req.shown += req.out
+            req.out = []
+        req.shown_finish = req.finish
 
     @staticmethod
     def _notify(req: _Req) -> None:
@@ -725,8 +737,9 @@ class SimEngine(Engine):
 
     def _deliver(self) -> None:
         touched, self._touched = self._touched, []
-        notify = self._notify
+        show, notify = self._show, self._notify
         for req in touched:
+            show(req)
             notify(req)
 
     async def _loop(self) -> None:
