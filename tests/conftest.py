@@ -31,8 +31,12 @@ def _report_leftover_processes(request):
     for p in psutil.Process().children(recursive=True):
         if p not in before:
             try:
-                left.append(f"{p.pid} {' '.join(p.cmdline())[:160]}")
+                cmd = " ".join(p.cmdline())
             except psutil.Error:   # ended meanwhile
-                pass
+                continue
+            # the first spawn-context child starts multiprocessing's resource tracker, which by
+            # design lives as long as the test process; it is not a process a test left behind
+            if "multiprocessing.resource_tracker" not in cmd:
+                left.append(f"{p.pid} {cmd[:160]}")
     if left:
         warnings.warn(f"{request.module.__name__} left child processes: {left}")
