@@ -445,8 +445,8 @@ class SimEngine(Engine):
 
     @staticmethod
     def _show(req: _Req) -> None:
-        """Hand the stream what the request's last step produced. The loop schedules (and samples)
-        the next step before it sleeps, so `out` may already hold a token whose time is not up."""
+        """Hand the stream what the request's finished step produced. The stream reads `shown`, not
+        `out`: it only runs once the loop sleeps on the next step, whose token `out` holds by then."""
         if req.out:
             req.shown += req.out
             req.out = []
