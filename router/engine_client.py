@@ -46,6 +46,9 @@ class Instance:
     # prefill, and KV blocks held, by requests routed here.
     prefill_blocks: int = 0
     decode_blocks: int = 0
+    # Output flow control (protocol.Consumed): StepOutputs read from it, and confirmed to it.
+    outputs_read: int = 0
+    outputs_confirmed: int = 0
     streams: dict[str, DeltaStream] = field(default_factory=dict)
 
     @property
@@ -142,10 +145,7 @@ class EngineClient:
         self.on_instance_down = on_instance_down
         self.streams: dict[str, DeltaStream] = {}
         self._dirty: list[DeltaStream] = []   # streams with a sink and undelivered deltas
-        # StepOutputs read per instance identity, and how many of them we have confirmed
-        self._read: dict[bytes, int] = dict.fromkeys(self.by_identity, 0)
-        self._confirmed: dict[bytes, int] = dict.fromkeys(self.by_identity, 0)
-        self._window_full: list[bytes] = []
+        self._window_full: list[Instance] = []   # instances owed a Consumed after this drain
         self._tasks: list[asyncio.Task] = []
         self.closing = False
         for inst in instances:
@@ -219,10 +219,12 @@ class EngineClient:
 
     def _on_message(self, identity: bytes, payload: bytes) -> None:
         msg = P.decode_to_head(payload)
+        inst = self.by_identity.get(identity)
         if type(msg) is P.StepOutputs:
-            read = self._read[identity] = self._read.get(identity, 0) + 1
-            if read - self._confirmed.get(identity, 0) == P.OUTPUT_WINDOW:
-                self._window_full.append(identity)
+            if inst is not None:
+                inst.outputs_read += 1
+                if inst.outputs_read - inst.outputs_confirmed == P.OUTPUT_WINDOW:
+                    self._window_full.append(inst)
             streams, dirty = self.streams, self._dirty
             for delta in msg.deltas:
                 stream = streams.get(delta.req_id)
@@ -232,7 +234,6 @@ class EngineClient:
                         del streams[delta.req_id]
                         stream.instance.streams.pop(delta.req_id, None)
             return
-        inst = self.by_identity.get(identity)
         if inst is None:
             log.warning("message from unknown instance %r ignored", identity)
         elif type(msg) is P.Heartbeat:
@@ -245,9 +246,9 @@ class EngineClient:
         so that their next message travels while we write); then each attached stream gets what
         this drain brought it, as one delta."""
         if self._window_full:
-            for identity in self._window_full:
-                self._confirmed[identity] = read = self._read[identity]
-                self.sock.send_to(identity, P.encode(P.Consumed(read)))
+            for inst in self._window_full:
+                inst.outputs_confirmed = inst.outputs_read
+                self.sock.send_to(inst.identity, P.encode(P.Consumed(inst.outputs_read)))
             self._window_full.clear()
         dirty, self._dirty = self._dirty, []
         for stream in dirty:
