@@ -46,6 +46,9 @@ class Instance:
     # prefill, and KV blocks held, by requests routed here.
     prefill_blocks: int = 0
     decode_blocks: int = 0
+    # Prompt blocks (by hash) of requests in flight here -> how many of them hold it: requests
+    # that share a prefix share its KV, so decode_blocks counts such a block once.
+    held_hashes: dict[int, int] = field(default_factory=dict)
     # Output flow control (protocol.Consumed): StepOutputs read from it, and confirmed to it.
     outputs_read: int = 0
     outputs_confirmed: int = 0
@@ -69,14 +72,16 @@ class DeltaStream:
     carries the request's share of the head's load account (see `EngineClient.submit`).
     """
 
-    __slots__ = ("req_id", "instance", "prefill_blocks", "held_blocks", "started", "done", "_items",
-                 "_waiter", "_sink", "_dirty")
+    __slots__ = ("req_id", "instance", "prefill_blocks", "held_blocks", "held_hashes", "started", "done",
+                 "_items", "_waiter", "_sink", "_dirty")
 
-    def __init__(self, req_id: str, instance: Instance, prefill_blocks: int = 0, held_blocks: int = 0):
+    def __init__(self, req_id: str, instance: Instance, prefill_blocks: int = 0, held_blocks: int = 0,
+                 held_hashes: list[int] | None = None):
         self.req_id = req_id
         self.instance = instance
         self.prefill_blocks = prefill_blocks   # uncached prompt blocks, pending until the first delta
         self.held_blocks = held_blocks         # KV blocks held until the request ends
+        self.held_hashes = held_hashes         # the hashes of those blocks that are full, if known
         self.started = False                   # a delta has arrived
         self.done = False                      # the last delta has been read
         self._items: deque[P.Delta] = deque()
@@ -189,14 +194,22 @@ class EngineClient:
 
     def submit(self, inst: Instance, req_id: str, prompt_token_ids: list[int], params: P.SamplingParams,
                kv_transfer_params: dict | None = None, interval: int = 1, prefill_blocks: int = 0,
-               held_blocks: int = 0) -> DeltaStream:
+               held_blocks: int = 0, held_hashes: list[int] | None = None) -> DeltaStream:
         """Send the request to `inst`; `interval` is its stream interval, applied by the engine rank.
 
         Between heartbeats the head keeps its own account of each instance's load: the request's
         `prefill_blocks` (uncached prompt blocks) count as pending prefill until its first delta,
-        and its `held_blocks` as held KV until it is released. The `kv` policy reads both."""
-        stream = DeltaStream(req_id, inst, prefill_blocks, held_blocks)
+        and its `held_blocks` as held KV until it is released, those of its `held_hashes` that
+        another request here holds already counted once. The `kv` policy reads both."""
+        stream = DeltaStream(req_id, inst, prefill_blocks, held_blocks, held_hashes)
         inst.prefill_blocks += prefill_blocks
+        if held_hashes:
+            held = inst.held_hashes
+            for h in held_hashes:
+                n = held.get(h, 0)
+                held[h] = n + 1
+                if n:
+                    held_blocks -= 1
         inst.decode_blocks += held_blocks
         inst.streams[req_id] = stream
         self.streams[req_id] = stream
@@ -210,8 +223,17 @@ class EngineClient:
         inst = stream.instance
         if not stream.started:
             inst.prefill_blocks -= stream.prefill_blocks
-        inst.decode_blocks -= stream.held_blocks
+        freed = stream.held_blocks
+        if stream.held_hashes:
+            held = inst.held_hashes
+            for h in stream.held_hashes:
+                n = held.pop(h, 0) - 1
+                if n > 0:
+                    held[h] = n
+                    freed -= 1
+        inst.decode_blocks -= freed
         stream.prefill_blocks = stream.held_blocks = 0   # released once
+        stream.held_hashes = None
         if inst.streams.pop(stream.req_id, None) is not None and not stream.done and inst.up:
             self.sock.send_to(inst.identity, P.encode(P.Abort([stream.req_id])))
 
@@ -289,12 +311,14 @@ class EngineClient:
         log.log(logging.INFO if self.closing else logging.WARNING, "%s; taking it out of rotation", reason)
         inst.up = False
         inst.prefill_blocks = inst.decode_blocks = 0
+        inst.held_hashes.clear()
         self.metrics.instance_up.labels(inst.index, inst.role).set(0)
         self.on_instance_down(inst.index)   # its cache is gone with it
         failed, inst.streams = inst.streams, {}
         for req_id, stream in failed.items():
             self.streams.pop(req_id, None)
             stream.prefill_blocks = stream.held_blocks = 0   # the account was reset above
+            stream.held_hashes = None
             stream.push(P.Delta(req_id, [], finish_reason="error",
                                 error=f"engine instance {inst.index} failed during the request"),
                         self._dirty)

@@ -10,7 +10,8 @@ pool is saturated, since then the transfer costs more than it saves.
 
 Between heartbeats the head keeps its own account of each instance's load (`EngineClient.submit`):
 a request's uncached prompt blocks count as pending prefill until its first token, and its prompt
-blocks as held KV until it finishes. The `kv` policy reads both.
+blocks as held KV until it finishes (a block that requests there share, once). The `kv` policy
+reads both.
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ class Orchestrator:
             uncached = route.prompt_blocks(inst.block_size) - route.overlap_blocks
         if kv_params is not None:
             uncached = 0     # the decode instance only pulls KV; it computes nothing
-        return self.client.submit(inst, req_id, prompt, params, kv_params, interval,
-                                  prefill_blocks=uncached, held_blocks=route.prompt_blocks(inst.block_size))
+        bs = inst.block_size
+        return self.client.submit(inst, req_id, prompt, params, kv_params, interval, prefill_blocks=uncached,
+                                  held_blocks=route.prompt_blocks(bs), held_hashes=route.known_hashes(bs))
 
     def release(self, stream: DeltaStream) -> None:
         """The request is over for its client: forget it, and abort it if the engine still runs it."""

@@ -24,7 +24,9 @@ class Candidate(Protocol):
     num_kv_blocks: int
     block_size: int
     prefill_blocks: int         # uncached prompt blocks routed here and not yet past first token
-    decode_blocks: int          # prompt blocks of requests routed here and not yet finished
+    decode_blocks: int          # prompt blocks of requests routed here and not yet finished,
+                                # a block shared by several of them counted once
+    held_hashes: dict[int, int]  # the hashes of those blocks -> requests holding each
 
 
 class Route:
@@ -49,6 +51,10 @@ class Route:
 
     def prompt_blocks(self, block_size: int) -> int:
         return -(-len(self.prompt_token_ids) // block_size) if block_size else 0
+
+    def known_hashes(self, block_size: int) -> list[int] | None:
+        """The block hashes if something has computed them already (they cost a hash per block)."""
+        return self._hashes if self._hashes is not None and block_size == self.block_size else None
 
 
 class PrefixHasher:
@@ -97,10 +103,12 @@ class KVAware:
     """Lowest cost wins, where for each instance
 
         cost = prefill_load_scale * max(prefill_blocks + prompt_blocks - overlap_blocks, 0)
-               + decode_blocks + prompt_blocks
+               + decode_blocks + (prompt_blocks - shared_blocks)
 
     i.e. the prefill work it would queue (what it already caches is free) plus the KV it would
-    hold. Instances at or over `busy_threshold` KV usage are passed over while any other is free.
+    hold. Requests that share a prefix read the same KV blocks, so the leading blocks that requests
+    in flight there hold already (`shared_blocks`) add none, and `decode_blocks` counts each block
+    once. Instances at or over `busy_threshold` KV usage are passed over while any other is free.
     `temperature` > 0 samples from softmax(-cost / (temperature * spread)) instead of taking the
     minimum, which spreads ties and near-ties.
     """
@@ -134,7 +142,7 @@ class KVAware:
                     overlap[i] = n
         scale = self.prefill_load_scale
         costs = [scale * max(c.prefill_blocks + prompt_blocks - overlap[c.index], 0)
-                 + c.decode_blocks + prompt_blocks for c in free]
+                 + c.decode_blocks + prompt_blocks - _leading(hashes, c.held_hashes) for c in free]
         chosen = free[self._pick(costs)]
         route.overlap_blocks = overlap[chosen.index]
         (self.index if self.record_decisions else self.in_flight).record(chosen.index, hashes)
@@ -151,6 +159,16 @@ class KVAware:
         spread = (max(costs) - low) or 1.0
         weights = [math.exp(-(c - low) / (self.temperature * spread)) for c in costs]
         return self._rng.choices(range(len(costs)), weights)[0]
+
+
+def _leading(hashes: list[int], held: dict[int, int]) -> int:
+    """How many of the prompt's leading blocks are in `held`."""
+    n = 0
+    for h in hashes:
+        if h not in held:
+            break
+        n += 1
+    return n
 
 
 def make_policies(name: str, roles: set[str], index=None, kv=None) -> dict[str, Policy]:

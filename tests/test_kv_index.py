@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from slurmserve.kvfabric.block_hash import DEFAULT_HASH_SEED, block_digests, block_hashes
 from slurmserve.kvfabric.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSubscriber
 from slurmserve.kvfabric.kv_index import ApproxKVIndex, KVIndex
+from slurmserve.router.engine_client import EngineClient, Instance
+from slurmserve.router.head import Head
+from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.policies import KVAware, PrefixHasher, Route
+from slurmserve.runtime import protocol as P
 
 from test_sim_engine import collect, make_engine, model_dir, params  # noqa: F401
 
@@ -126,6 +130,7 @@ class Inst:
     inflight: int = 0
     running: int = 0
     waiting: int = 0
+    held_hashes: dict = field(default_factory=dict)
 
 
 def test_kv_policy_trades_overlap_against_load():
@@ -149,6 +154,52 @@ def test_kv_policy_trades_overlap_against_load():
     # ...unless everyone is
     a.kv_usage = 0.99
     assert choose()[0] is b
+
+
+def test_kv_policy_counts_a_prefix_already_held_there_once():
+    """Two instances cache the prompt's prefix alike. One runs a request with the same prefix, the
+    other an unrelated one holding fewer blocks. Requests sharing a prefix read the same KV, so the
+    first adds less KV by taking this request too, and wins."""
+    idx = KVIndex()
+    prompt = list(range(64))                      # 16 blocks
+    hashes = block_hashes(prompt, BS)
+    idx.apply(0, [stored(hashes[:12])])
+    idx.apply(1, [stored(hashes[:12])])
+    a, b = Inst(0, decode_blocks=16), Inst(1, decode_blocks=10)
+    a.held_hashes = {h: 1 for h in hashes[:12] + block_hashes(list(range(48)) + [7] * 16, BS)[12:]}
+    assert KVAware(idx, prefill_load_scale=1.0).choose([a, b], Route(prompt, PrefixHasher())) is a
+    a.held_hashes = {}      # the same load, but nothing this prompt shares: b holds less
+    assert KVAware(idx, prefill_load_scale=1.0).choose([a, b], Route(prompt, PrefixHasher())) is b
+
+
+def test_head_load_account_counts_shared_prefix_blocks_once():
+    zctx, sock, _ = Head.bind_control_socket("127.0.0.1")
+
+    async def main():
+        inst = Instance(index=0, role="worker", identity=b"w0", address="127.0.0.1")
+        client = EngineClient(sock, [inst], {}, HeadMetrics("m"), heartbeat_timeout_s=60.0)
+        client.start()
+        prefix = list(range(48))                  # 12 full blocks
+        streams = []
+        for i in range(3):
+            route = Route(prefix + [100 + i] * 8 + [1], PrefixHasher())   # + 2 own full blocks + 1 partial
+            streams.append(client.submit(inst, f"r{i}", route.prompt_token_ids, P.SamplingParams(),
+                                         held_blocks=route.prompt_blocks(BS), held_hashes=route.hashes(BS)))
+        assert inst.decode_blocks == 12 + 3 * 3
+        client.release(streams[1])
+        assert inst.decode_blocks == 12 + 2 * 3
+        client.release(streams[1])                # a second release changes nothing
+        assert inst.decode_blocks == 12 + 2 * 3
+        for stream in streams:
+            client.release(stream)
+        assert inst.decode_blocks == 0 and inst.held_hashes == {}
+        await client.close("test over", grace_s=0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        sock.close(linger=0)
+        zctx.term()
 
 
 def test_kv_policy_remembers_prefixes_it_routed_until_events_arrive():
