@@ -199,8 +199,8 @@ class EngineClient:
 
         Between heartbeats the head keeps its own account of each instance's load: the request's
         `prefill_blocks` (uncached prompt blocks) count as pending prefill until its first delta,
-        and its `held_blocks` as held KV until it is released, those of its `held_hashes` that
-        another request here holds already counted once. The `kv` policy reads both."""
+        and its `held_blocks` as held KV until it is released; a block among its `held_hashes`
+        that another request here holds already is not counted again. The `kv` policy reads both."""
         stream = DeltaStream(req_id, inst, prefill_blocks, held_blocks, held_hashes)
         inst.prefill_blocks += prefill_blocks
         if held_hashes:
