@@ -58,6 +58,31 @@ class Instance:
     def inflight(self) -> int:
         return len(self.streams)
 
+    def hold(self, blocks: int, hashes: list[int] | None) -> None:
+        """Count a request's `blocks` as KV held here, except those among its full blocks'
+        `hashes` that another request here holds already."""
+        if hashes:
+            held = self.held_hashes
+            for h in hashes:
+                n = held.get(h, 0)
+                held[h] = n + 1
+                if n:
+                    blocks -= 1
+        self.decode_blocks += blocks
+
+    def let_go(self, blocks: int, hashes: list[int] | None) -> None:
+        """Undo `hold` for a request that ended: blocks another request still holds stay counted."""
+        if hashes:
+            held = self.held_hashes
+            for h in hashes:
+                n = held[h]
+                if n > 1:
+                    held[h] = n - 1
+                    blocks -= 1
+                else:
+                    del held[h]
+        self.decode_blocks -= blocks
+
 
 class DeltaStream:
     """Deltas of one request on one instance, read in one of two ways:
@@ -203,14 +228,7 @@ class EngineClient:
         that another request here holds already is not counted again. The `kv` policy reads both."""
         stream = DeltaStream(req_id, inst, prefill_blocks, held_blocks, held_hashes)
         inst.prefill_blocks += prefill_blocks
-        if held_hashes:
-            held = inst.held_hashes
-            for h in held_hashes:
-                n = held.get(h, 0)
-                held[h] = n + 1
-                if n:
-                    held_blocks -= 1
-        inst.decode_blocks += held_blocks
+        inst.hold(held_blocks, held_hashes)
         inst.streams[req_id] = stream
         self.streams[req_id] = stream
         self.sock.send_to(inst.identity, P.encode(P.Generate(req_id, prompt_token_ids, params, kv_transfer_params,
@@ -223,15 +241,7 @@ class EngineClient:
         inst = stream.instance
         if not stream.started:
             inst.prefill_blocks -= stream.prefill_blocks
-        freed = stream.held_blocks
-        if stream.held_hashes:
-            held = inst.held_hashes
-            for h in stream.held_hashes:
-                n = held.pop(h, 0) - 1
-                if n > 0:
-                    held[h] = n
-                    freed -= 1
-        inst.decode_blocks -= freed
+        inst.let_go(stream.held_blocks, stream.held_hashes)
         stream.prefill_blocks = stream.held_blocks = 0   # released once
         stream.held_hashes = None
         if inst.streams.pop(stream.req_id, None) is not None and not stream.done and inst.up:
@@ -310,15 +320,12 @@ class EngineClient:
             return
         log.log(logging.INFO if self.closing else logging.WARNING, "%s; taking it out of rotation", reason)
         inst.up = False
-        inst.prefill_blocks = inst.decode_blocks = 0
-        inst.held_hashes.clear()
         self.metrics.instance_up.labels(inst.index, inst.role).set(0)
         self.on_instance_down(inst.index)   # its cache is gone with it
+        # its load account empties as its requests are released, the failed ones below included
         failed, inst.streams = inst.streams, {}
         for req_id, stream in failed.items():
             self.streams.pop(req_id, None)
-            stream.prefill_blocks = stream.held_blocks = 0   # the account was reset above
-            stream.held_hashes = None
             stream.push(P.Delta(req_id, [], finish_reason="error",
                                 error=f"engine instance {inst.index} failed during the request"),
                         self._dirty)

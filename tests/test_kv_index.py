@@ -172,19 +172,37 @@ def test_kv_policy_counts_a_prefix_already_held_there_once():
     assert KVAware(idx, prefill_load_scale=1.0).choose([a, b], Route(prompt, PrefixHasher())) is b
 
 
-def test_head_load_account_counts_shared_prefix_blocks_once():
+def with_client(body) -> None:
+    """Run `body(client, inst)` on an EngineClient over the real control socket, with one instance
+    (up) whose requests the test submits and releases itself."""
     zctx, sock, _ = Head.bind_control_socket("127.0.0.1")
 
     async def main():
-        inst = Instance(index=0, role="worker", identity=b"w0", address="127.0.0.1")
+        inst = Instance(index=0, role="worker", identity=b"w0", address="127.0.0.1", up=True)
         client = EngineClient(sock, [inst], {}, HeadMetrics("m"), heartbeat_timeout_s=60.0)
         client.start()
-        prefix = list(range(48))                  # 12 full blocks
-        streams = []
-        for i in range(3):
-            route = Route(prefix + [100 + i] * 8 + [1], PrefixHasher())   # + 2 own full blocks + 1 partial
-            streams.append(client.submit(inst, f"r{i}", route.prompt_token_ids, P.SamplingParams(),
-                                         held_blocks=route.prompt_blocks(BS), held_hashes=route.hashes(BS)))
+        try:
+            body(client, inst)
+        finally:
+            await client.close("test over", grace_s=0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        sock.close(linger=0)
+        zctx.term()
+
+
+def submit_shared_prefix(client, inst, n: int, **account) -> list:
+    """n requests of a 12-block prefix, each with 2 full blocks of its own and a partial one."""
+    routes = [Route(list(range(48)) + [100 + i] * 8 + [1], PrefixHasher()) for i in range(n)]
+    return [client.submit(inst, f"r{i}", r.prompt_token_ids, P.SamplingParams(), held_blocks=r.prompt_blocks(BS),
+                          held_hashes=r.hashes(BS), **account) for i, r in enumerate(routes)]
+
+
+def test_head_load_account_counts_shared_prefix_blocks_once():
+    def body(client, inst):
+        streams = submit_shared_prefix(client, inst, 3)
         assert inst.decode_blocks == 12 + 3 * 3
         client.release(streams[1])
         assert inst.decode_blocks == 12 + 2 * 3
@@ -193,13 +211,21 @@ def test_head_load_account_counts_shared_prefix_blocks_once():
         for stream in streams:
             client.release(stream)
         assert inst.decode_blocks == 0 and inst.held_hashes == {}
-        await client.close("test over", grace_s=0)
 
-    try:
-        asyncio.run(main())
-    finally:
-        sock.close(linger=0)
-        zctx.term()
+    with_client(body)
+
+
+def test_head_load_account_of_a_failed_instance_empties_as_its_requests_are_released():
+    """Including a request that had finished but was not yet released when the instance failed."""
+    def body(client, inst):
+        streams = submit_shared_prefix(client, inst, 3, prefill_blocks=15)
+        client._on_message(b"w0", P.encode(P.StepOutputs([P.Delta("r0", [1], finish_reason="length")])))
+        client._drop(inst, "test")
+        for stream in streams:
+            client.release(stream)
+        assert (inst.prefill_blocks, inst.decode_blocks, inst.held_hashes) == (0, 0, {})
+
+    with_client(body)
 
 
 def test_kv_policy_remembers_prefixes_it_routed_until_events_arrive():
