@@ -141,8 +141,10 @@ def markdown(s: dict) -> str:
     for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
         d = s[k]
         lines.append(f"| {k[:-3].upper()} | {f(d['mean'])} | {f(d['p50'])} | {f(d['p90'])} | {f(d['p99'])} |")
+    if s.get("chunks_per_request") is not None:
+        lines.append(f"\ntext chunks per request: {s['chunks_per_request']:.1f}")
     if s.get("cached_fraction") is not None:
-        lines.append(f"\ncached prompt-token fraction: {s['cached_fraction']:.3f}")
+        lines.append(f"cached prompt-token fraction: {s['cached_fraction']:.3f}")
     if "goodput" in s:
         lines.append(f"goodput: {s['goodput']:.2f} req/s under {s['slos_ms']}")
     for name, ms in s.get("cpu_ms_per_request", {}).items():

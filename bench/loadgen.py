@@ -2,6 +2,11 @@
 
 Works against any OpenAI-compatible endpoint. Per request it records TTFT, inter-token latencies
 and end-to-end latency from the SSE stream (token counts from `include_usage` when served).
+
+The client is aiohttp, as in vLLM's serving benchmark. httpx was used until it showed two faults
+that bend the figures on a small machine: about 1.7 ms of client CPU per request (the load generator
+shares the cores with what it measures), and a connection pool that, at concurrency 256, kept some
+requests waiting about as long as the whole run before it sent them (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 import msgspec
 
 from slurmserve.bench.datasets import RequestSpec
@@ -38,9 +43,11 @@ class Result:
 
 
 _decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.encode
+_JSON = {"Content-Type": "application/json"}
 
 
-async def one_request(client: httpx.AsyncClient, base: str, model: str, spec: RequestSpec,
+async def one_request(session: aiohttp.ClientSession, base: str, model: str, spec: RequestSpec,
                       ignore_eos: bool = True) -> Result:
     chat = spec.messages is not None
     body = {"model": model, "max_tokens": spec.max_tokens, "stream": True,
@@ -56,38 +63,38 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, spec: Re
     last = res.start
     chunks = 0
     try:
-        async with client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+        async with session.post(url, data=_encode(body), headers=_JSON) as r:
+            if r.status != 200:
+                res.error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
                 return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    continue   # read to the end of the body: leaving early closes the connection
-                msg = _decode(data)
-                if "error" in msg:
-                    res.error = str(msg["error"].get("message"))
-                    return res
-                if msg.get("usage"):
-                    u = msg["usage"]
-                    res.prompt_tokens = u.get("prompt_tokens", 0)
-                    res.output_tokens = u.get("completion_tokens", 0)
-                    res.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                choices = msg.get("choices") or []
-                if choices and _has_text(choices[0], chat):
-                    now = time.perf_counter()
-                    if chunks == 0:
-                        res.ttft = now - res.start
-                    else:
-                        res.itls.append(now - last)
-                    last = now
-                    chunks += 1
+            tail = b""
+            async for data in r.content.iter_any():
+                *lines, tail = (tail + data).split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data: {"):
+                        continue        # blank separators, comments, the closing [DONE]
+                    msg = _decode(line[6:])
+                    if "error" in msg:
+                        res.error = str(msg["error"].get("message"))
+                        return res
+                    if msg.get("usage"):
+                        u = msg["usage"]
+                        res.prompt_tokens = u.get("prompt_tokens", 0)
+                        res.output_tokens = u.get("completion_tokens", 0)
+                        res.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                    choices = msg.get("choices") or []
+                    if choices and _has_text(choices[0], chat):
+                        now = time.perf_counter()
+                        if chunks == 0:
+                            res.ttft = now - res.start
+                        else:
+                            res.itls.append(now - last)
+                        last = now
+                        chunks += 1
         res.e2e = time.perf_counter() - res.start
         res.output_tokens = res.output_tokens or chunks
         res.ok = True
-    except (httpx.HTTPError, OSError) as e:
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         res.error = f"{type(e).__name__}: {e}"
     return res
 
@@ -107,13 +114,15 @@ async def run_load(base: str, api_key: str, model: str, specs: list[RequestSpec]
     requests arrive on `arrival_times` (trace timestamps, or gamma inter-arrivals at `rate`); every
     request whose arrival falls within `duration_s` is sent, at most `concurrency` at a time.
     Multi-turn sessions send a conversation's turns one after another."""
-    limits = httpx.Limits(max_connections=(concurrency or 1024) + 8, max_keepalive_connections=None)
+    # One keep-alive connection per request in flight; long generations must not time out.
+    connector = aiohttp.TCPConnector(limit=(concurrency or 1024) + 8, limit_per_host=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=600, sock_read=600)
     headers = {"Authorization": f"Bearer {api_key}"}
     results: list[Result] = []
     sessions: dict[str, asyncio.Lock] = {}
     deadline = None if duration_s is None else time.perf_counter() + duration_s
     inflight = 0
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits, headers=headers) as client:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as client:
         async def fire(index: int, spec: RequestSpec) -> None:
             nonlocal inflight
             lock = sessions.setdefault(spec.session, asyncio.Lock()) if spec.session else None
@@ -214,6 +223,8 @@ def summarize(results: list[Result], wall_s: float, slos: dict[str, float] | Non
         "prompt_tokens_mismatched": sum(1 for r in ok if r.expected_prompt_tokens is not None
                                         and r.prompt_tokens != r.expected_prompt_tokens),
         "max_concurrency": max((r.inflight for r in results), default=0),
+        # several tokens to a chunk means the server was behind and merged them (or a stream interval)
+        "chunks_per_request": (sum(len(r.itls) + 1 for r in ok) / len(ok)) if ok else None,
         "ttft_ms": ms([r.ttft for r in ok]),
         "tpot_ms": ms([r.tpot for r in ok if r.output_tokens > 1]),
         "itl_ms": ms([x for r in ok for x in r.itls]),

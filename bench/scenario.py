@@ -36,7 +36,8 @@ from slurmserve.config import apply_overrides
 from slurmserve.launcher.local_deployment import LocalDeployment
 
 HEADLINE = ("ttft_ms.p50", "ttft_ms.p99", "tpot_ms.p50", "e2e_ms.p99", "request_throughput",
-            "output_throughput", "cached_fraction", "goodput", "cpu_ms_per_request.head")
+            "output_throughput", "chunks_per_request", "cached_fraction", "goodput",
+            "cpu_ms_per_request.head")
 
 
 def _get(d: dict, dotted: str):
