@@ -166,6 +166,8 @@ def register(sub) -> None:
     register_kv_transfer(bsub)
     from slurmserve.bench.fleet_study import register as register_fleet
     register_fleet(bsub)
+    from slurmserve.bench.routing_study import register as register_routing
+    register_routing(bsub)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,14 @@ engine; an idle engine with work starts a step at once; a step scheduled at t de
 at t + step_ms, and the engine then starts its next step. Requests arriving during a step wait for
 the next one, as in the served engine.
 
-Aggregated fleet: `workers` engines, router `least_loaded` or `round_robin` (the head's own policy
-classes from `router.policies`, fed the simulator's exact load).
+Aggregated fleet: `workers` engines, router `least_loaded`, `round_robin` or `kv` (the head's own
+policy classes from `router.policies`, fed the simulator's exact load). For `kv`, every step's KV
+events go straight into a fleet `KVIndex`, and the fleet keeps the head's load account (prefill
+blocks until the first token, held blocks until the end) as the Orchestrator does.
+
+Requests either arrive at given times (open loop) or, with `concurrency`, as a closed loop: that
+many at time 0, and each completion sends the next one at once (what `bench serve --concurrency`
+does against a served deployment).
 
 Disaggregated fleet: `prefill` + `decode` engines, as the head's orchestrator does it: a
 prefill-only leg (max_tokens=1, `do_remote_decode`) on a prefill engine, then the returned
@@ -36,13 +42,15 @@ from typing import Any
 
 from slurmserve.bench.datasets import RequestSpec, _length
 from slurmserve.bench.loadgen import Result, arrival_times, meets_slos, summarize
-from slurmserve.config import DeploymentConfig, SimConfig
-from slurmserve.router.policies import LeastLoaded, RoundRobin
+from slurmserve.config import DeploymentConfig, KVRoutingConfig, SimConfig
+from slurmserve.kvfabric.events import BlockRemoved
+from slurmserve.kvfabric.kv_index import KVIndex
+from slurmserve.router.policies import HeadLoad, KVAware, LeastLoaded, PrefixHasher, RoundRobin, Route
 from slurmserve.runtime.engine import EngineContext, EngineRequest
 from slurmserve.runtime.protocol import SamplingParams
 from slurmserve.runtime.sim_engine import SimEngine, _Req, decode_step_ms, prefill_step_ms
 
-POLICIES = {"least_loaded": LeastLoaded, "round_robin": RoundRobin}
+POLICIES = ("least_loaded", "round_robin", "kv")
 
 
 def step_prefill_ms(sim: SimConfig, tokens: int) -> float:
@@ -84,10 +92,11 @@ class Workload:
         return arrival_times([RequestSpec() for _ in range(n)], rate, self.burstiness, self.seed)
 
 
-class _Engine:
+class _Engine(HeadLoad):
     """One SimEngine stepped on virtual time; also the router's Candidate."""
 
     def __init__(self, index: int, role: str, sim: SimConfig, max_model_len: int, transfer_ms: float | None):
+        HeadLoad.__init__(self)
         cfg = DeploymentConfig.model_validate({
             "model": {"path": "/nonexistent/fleet-sim-model", "max_model_len": max_model_len},
             "engine": {"kind": "sim", "sim": sim.model_dump()}})
@@ -116,15 +125,30 @@ class _Engine:
         return 1.0 - len(self.engine._free) / self.num_kv_blocks
 
 
+@dataclass
+class _Leg:
+    """One request's leg on one engine, and what the head's load account holds for it there."""
+    i: int                       # the request's index
+    last: bool                   # the leg the client's tokens come from
+    prefill_blocks: int          # uncached prompt blocks, until the first token
+    held_blocks: int
+    held_hashes: list[int] | None
+
+
 class Fleet:
     """An aggregated (`workers`) or disaggregated (`prefill` + `decode`) fleet of sim engines."""
 
     def __init__(self, sim: SimConfig | None = None, *, workers: int = 0, prefill: int = 0, decode: int = 0,
-                 policy: str = "least_loaded", transfer_ms: float | None = None, max_model_len: int = 32768):
+                 policy: str = "least_loaded", transfer_ms: float | None = None, max_model_len: int = 32768,
+                 kv: KVRoutingConfig | None = None):
         if workers and (prefill or decode):
             raise ValueError("either workers or prefill + decode")
         if not workers and not (prefill and decode):
             raise ValueError("need workers, or both prefill and decode engines")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        if policy == "kv" and not workers:
+            raise ValueError("the kv policy is simulated for aggregated fleets only")
         self.sim = sim or SimConfig(speedup=float("inf"))
         self.disagg = not workers
         mk = lambda i, role: _Engine(i, role, self.sim, max_model_len, transfer_ms)  # noqa: E731
@@ -133,7 +157,16 @@ class Fleet:
                           "decode": [mk(prefill + i, "decode") for i in range(decode)]}
         else:
             self.pools = {"worker": [mk(i, "worker") for i in range(workers)]}
-        self.policies = {name: POLICIES[policy]() for name in self.pools}
+        self.now = 0.0                                   # the virtual clock, in seconds
+        self.index = KVIndex() if policy == "kv" else None
+        self.hasher = PrefixHasher()                     # the engines' (no hash seed, sha256)
+        if policy == "kv":
+            kv = kv or KVRoutingConfig()
+            self.policies = {"worker": KVAware(self.index, kv.prefill_load_scale, kv.busy_threshold,
+                                               kv.temperature, seed=0, clock=lambda: self.now)}
+        else:
+            self.policies = {name: (LeastLoaded if policy == "least_loaded" else RoundRobin)()
+                             for name in self.pools}
 
     @property
     def name(self) -> str:
@@ -141,20 +174,30 @@ class Fleet:
             return f"{len(self.pools['prefill'])}P:{len(self.pools['decode'])}D"
         return f"{len(self.pools['worker'])}x agg"
 
-    def run(self, lengths: list[tuple[int, int]], arrivals: list[float]) -> list[Result]:
-        """Simulate the requests (prompt_len, output_len) arriving at `arrivals` (virtual seconds)."""
+    def run(self, lengths: list[tuple[int, int]], arrivals: list[float] | None = None, *,
+            prompts: list[list[int]] | None = None, concurrency: int = 0) -> list[Result]:
+        """Simulate requests of (prompt_len, output_len) arriving at `arrivals` (virtual seconds),
+        or, with `concurrency`, as a closed loop. `prompts` gives their token ids (shared prefixes
+        then hit the prefix caches); without it every prompt starts with a distinct token, so no
+        two share a block."""
+        if (arrivals is None) == (concurrency <= 0):
+            raise ValueError("give either arrivals or a concurrency")
         heap: list[tuple[float, int, int, Any]] = []
         seq = 0
         results = [Result(ok=False, index=i) for i in range(len(lengths))]
-        legs: dict[str, tuple[int, _Engine, bool]] = {}   # req_id -> (request index, engine, last leg)
+        legs: dict[str, _Leg] = {}
         ARRIVE, STEP_END = 0, 1
-
         bases: dict[int, list[int]] = {}
 
-        def prompt_of(n: int) -> list[int]:
+        def prompt_of(i: int) -> list[int]:
+            if prompts is not None:
+                return prompts[i]
+            n = lengths[i][0]
             if n not in bases:
                 bases[n] = [100 + j % 30000 for j in range(n)]
-            return list(bases[n])
+            prompt = list(bases[n])
+            prompt[0] = 100 + i % 30000
+            return prompt
 
         def push(t: float, kind: int, payload: Any) -> None:
             nonlocal seq
@@ -162,10 +205,9 @@ class Fleet:
             seq += 1
 
         def submit(t: float, pool: str, i: int, kv: dict | None, max_tokens: int, last: bool) -> None:
-            eng = self.policies[pool].choose(self.pools[pool], None)
-            # a distinct first token makes every block hash distinct: no accidental prefix hits
-            prompt = prompt_of(lengths[i][0])
-            prompt[0] = 100 + i % 30000
+            prompt = prompt_of(i)
+            route = Route(prompt, self.hasher)
+            eng = self.policies[pool].choose(self.pools[pool], route)
             rid = f"{pool}-{i}"
             request = EngineRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), kv)
             err = eng.engine._check(request)
@@ -173,7 +215,13 @@ class Fleet:
                 raise ValueError(f"request {i}: {err}")
             eng.engine._waiting.append(_Req(request, i + 1, max_tokens))
             eng.inflight += 1
-            legs[rid] = (i, eng, last)
+            # the head's load account, as Orchestrator.submit keeps it
+            bs = eng.block_size
+            leg = _Leg(i, last, route.prompt_blocks(bs) - route.overlap_blocks, route.prompt_blocks(bs),
+                       route.known_hashes(bs))
+            eng.prefill_blocks += leg.prefill_blocks
+            eng.hold(leg.held_blocks, leg.held_hashes)
+            legs[rid] = leg
             start(eng, t)
 
         def start(eng: _Engine, t: float) -> None:
@@ -181,42 +229,62 @@ class Fleet:
                 return
             sim = eng.engine
             ms = sim._schedule_step()
-            sim._removed.clear()          # KV events: nobody subscribes
-            sim._stored.clear()
+            if self.index is not None and (sim._removed or sim._stored):
+                # what the engine publishes this step; the head applies it at once
+                events = [BlockRemoved(sim._removed)] if sim._removed else []
+                self.index.apply(eng.index, events + sim._stored)
+            sim._removed = []
+            sim._stored = []
             touched, sim._touched = sim._touched, []
             if ms > 0.0:
                 eng.busy = True
                 push(t + ms / 1000.0, STEP_END, (eng, touched))
 
-        for i, t in enumerate(arrivals):
-            push(t, ARRIVE, i)
+        def arrive(t: float, i: int) -> None:
+            results[i].start = t
+            results[i].prompt_tokens = lengths[i][0]
+            if self.disagg:
+                submit(t, "prefill", i, {"do_remote_decode": True}, 1, False)
+            else:
+                submit(t, "worker", i, None, lengths[i][1], True)
+
+        if concurrency:
+            for i in range(min(concurrency, len(lengths))):
+                push(0.0, ARRIVE, i)
+            sent = min(concurrency, len(lengths))
+        else:
+            for i, t in enumerate(arrivals):
+                push(t, ARRIVE, i)
         while heap:
             t, _, kind, payload = heapq.heappop(heap)
+            self.now = t
             if kind == ARRIVE:
-                i = payload
-                results[i].start = t
-                results[i].prompt_tokens = lengths[i][0]
-                if self.disagg:
-                    submit(t, "prefill", i, {"do_remote_decode": True}, 1, False)
-                else:
-                    submit(t, "worker", i, None, lengths[i][1], True)
+                arrive(t, payload)
                 continue
             eng, touched = payload
             eng.busy = False
             for req in touched:
-                i, _, last = legs[req.req_id]
-                r = results[i]
+                leg = legs[req.req_id]
+                r = results[leg.i]
                 req.out.clear()
-                if last and not r.ttft and req.num_out:
+                if req.num_out and leg.prefill_blocks:
+                    eng.prefill_blocks -= leg.prefill_blocks     # past its first token
+                    leg.prefill_blocks = 0
+                if leg.last and not r.ttft and req.num_out:
                     r.ttft = t - r.start
+                    r.cached_tokens = req.num_cached or 0
                 if req.finish is None:
                     continue
                 eng.inflight -= 1
+                eng.let_go(leg.held_blocks, leg.held_hashes)
                 del legs[req.req_id]
-                if last:
+                if leg.last:
                     r.ok, r.e2e, r.output_tokens = True, t - r.start, req.num_out
+                    if concurrency and sent < len(lengths):
+                        push(t, ARRIVE, sent)
+                        sent += 1
                 else:
-                    submit(t, "decode", i, req.kv_out, lengths[i][1], True)
+                    submit(t, "decode", leg.i, req.kv_out, lengths[leg.i][1], True)
             start(eng, t)
         return results
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from slurmserve.router.metrics import HeadMetrics
-from slurmserve.router.policies import Policy, Route
+from slurmserve.router.policies import HeadLoad, Policy, Route
 from slurmserve.runtime import protocol as P
 from slurmserve.runtime.zmq_loop import LoopSocket
 
@@ -29,7 +29,7 @@ class NoInstanceError(Exception):
 
 
 @dataclass(eq=False)
-class Instance:
+class Instance(HeadLoad):
     index: int
     role: str
     identity: bytes
@@ -42,13 +42,6 @@ class Instance:
     kv_usage: float = 0.0
     num_kv_blocks: int = 0
     block_size: int = 0
-    # The head's own load account between heartbeats (see Orchestrator): KV blocks still to
-    # prefill, and KV blocks held, by requests routed here.
-    prefill_blocks: int = 0
-    decode_blocks: int = 0
-    # Prompt blocks (by hash) of requests in flight here -> how many of them hold it: requests
-    # that share a prefix share its KV, so decode_blocks counts such a block once.
-    held_hashes: dict[int, int] = field(default_factory=dict)
     # Output flow control (protocol.Consumed): StepOutputs read from it, and confirmed to it.
     outputs_read: int = 0
     outputs_confirmed: int = 0
@@ -57,31 +50,6 @@ class Instance:
     @property
     def inflight(self) -> int:
         return len(self.streams)
-
-    def hold(self, blocks: int, hashes: list[int] | None) -> None:
-        """Count a request's `blocks` as KV held here, except those among its full blocks'
-        `hashes` that another request here holds already."""
-        if hashes:
-            held = self.held_hashes
-            for h in hashes:
-                n = held.get(h, 0)
-                held[h] = n + 1
-                if n:
-                    blocks -= 1
-        self.decode_blocks += blocks
-
-    def let_go(self, blocks: int, hashes: list[int] | None) -> None:
-        """Undo `hold` for a request that ended: blocks another request still holds stay counted."""
-        if hashes:
-            held = self.held_hashes
-            for h in hashes:
-                n = held[h]
-                if n > 1:
-                    held[h] = n - 1
-                    blocks -= 1
-                else:
-                    del held[h]
-        self.decode_blocks -= blocks
 
 
 class DeltaStream:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import random
+import time
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 from slurmserve.kvfabric.block_hash import BlockHasher, event_hash
@@ -27,6 +29,43 @@ class Candidate(Protocol):
     decode_blocks: int          # prompt blocks of requests routed here and not yet finished,
                                 # a block shared by several of them counted once
     held_hashes: dict[int, int]  # the hashes of those blocks -> requests holding each
+
+
+@dataclass(eq=False, kw_only=True)
+class HeadLoad:
+    """The head's own load account of an instance between heartbeats (see Orchestrator): KV blocks
+    still to prefill, and KV blocks held, by requests routed there."""
+
+    prefill_blocks: int = 0
+    decode_blocks: int = 0
+    # Prompt blocks (by hash) of requests in flight there -> how many of them hold it: requests
+    # that share a prefix share its KV, so decode_blocks counts such a block once.
+    held_hashes: dict[int, int] = field(default_factory=dict)
+
+    def hold(self, blocks: int, hashes: list[int] | None) -> None:
+        """Count a request's `blocks` as KV held here, except those among its full blocks'
+        `hashes` that another request here holds already."""
+        if hashes:
+            held = self.held_hashes
+            for h in hashes:
+                n = held.get(h, 0)
+                held[h] = n + 1
+                if n:
+                    blocks -= 1
+        self.decode_blocks += blocks
+
+    def let_go(self, blocks: int, hashes: list[int] | None) -> None:
+        """Undo `hold` for a request that ended: blocks another request still holds stay counted."""
+        if hashes:
+            held = self.held_hashes
+            for h in hashes:
+                n = held[h]
+                if n > 1:
+                    held[h] = n - 1
+                    blocks -= 1
+                else:
+                    del held[h]
+        self.decode_blocks -= blocks
 
 
 class Route:
@@ -113,9 +152,9 @@ class KVAware:
     minimum, which spreads ties and near-ties.
     """
 
-    def __init__(self, index, prefill_load_scale: float = 6.0, busy_threshold: float = 0.95,
+    def __init__(self, index, prefill_load_scale: float = 4.0, busy_threshold: float = 0.95,
                  temperature: float = 0.0, record_decisions: bool = False, seed: int | None = None,
-                 in_flight_ttl_s: float = 2.0):
+                 in_flight_ttl_s: float = 2.0, clock=time.monotonic):
         self.index = index
         self.prefill_load_scale = prefill_load_scale
         self.busy_threshold = busy_threshold
@@ -123,7 +162,7 @@ class KVAware:
         self.record_decisions = record_decisions     # approximate mode: the index learns from us
         # An engine reports a prompt's blocks only once it has prefilled them; until then the
         # prefixes we just routed live here, so that a burst of one prefix does not scatter.
-        self.in_flight = None if record_decisions else ApproxKVIndex(in_flight_ttl_s)
+        self.in_flight = None if record_decisions else ApproxKVIndex(in_flight_ttl_s, clock)
         self._rng = random.Random(seed)
         self._turn = 0
 

@@ -65,3 +65,57 @@ def test_goodput_search_is_monotone_in_the_slo():
     assert search.max_rate({"ttft": 1, "tpot": 1}) == 0.0        # nothing meets 1 ms
     n = len(search.cache)
     assert search.max_rate({"ttft": 400, "tpot": 60}) == loose and len(search.cache) == n   # all cached
+
+
+def shared_prefix_run(policy: str, n: int = 96, concurrency: int = 8):
+    """6 shared prefixes of 8 blocks, each request one of them + 1 unique block, in a closed loop on
+    2 engines of 40 blocks: one engine cannot cache all 6 prefixes, two can."""
+    from slurmserve.bench.datasets import build
+    sim = SimConfig(speedup=float("inf"), num_kv_blocks=40, block_size=16)
+    specs = build("prefix-repetition", n, num_prefixes=6, prefix_len=128, suffix_len=16, output_len=8)
+    fleet = Fleet(sim, workers=2, policy=policy, max_model_len=512)
+    results = fleet.run([(len(s.prompt), s.max_tokens) for s in specs], prompts=[s.prompt for s in specs],
+                        concurrency=concurrency)
+    return fleet, results
+
+
+def test_closed_loop_keeps_the_concurrency():
+    fleet, results = shared_prefix_run("round_robin", n=40, concurrency=4)
+    assert all(r.ok and r.output_tokens == 8 for r in results)
+    assert [r.start for r in results[:4]] == [0.0] * 4
+    # each completion sends the next request at once: 4 in flight, never more
+    inflight = [sum(o.start <= r.start < o.start + o.e2e for o in results) for r in results]
+    assert max(inflight) == 4 and min(inflight[4:]) >= 3
+    with pytest.raises(ValueError, match="either arrivals or a concurrency"):
+        fleet.run([(8, 2)])
+
+
+def test_kv_policy_routes_by_the_engines_own_kv_events():
+    kv_fleet, kv = shared_prefix_run("kv")
+    _, rr = shared_prefix_run("round_robin")
+    cached = lambda rs: sum(r.cached_tokens for r in rs) / sum(r.prompt_tokens for r in rs)  # noqa: E731
+    # kv keeps each prefix on one engine; round robin sends every prefix to both, which evict them
+    assert cached(kv) > cached(rr) + 0.1
+    assert kv_fleet.index is not None and len(kv_fleet.index) > 0
+    for eng in kv_fleet.pools["worker"]:
+        assert eng.prefill_blocks == eng.decode_blocks == 0 and not eng.held_hashes   # all released
+        # the index holds exactly what the engine's prefix cache holds
+        assert kv_fleet.index.blocks(eng.index) == len(eng.engine._cache)
+
+
+def test_bench_routing_cli_writes_the_study(tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "study"
+    p = subprocess.run([sys.executable, "-m", "slurmserve", "bench", "routing", "--workers", "2", "--num-kv-blocks",
+                        "40", "--block-size", "16", "--prefixes", "6", "--prefix-len", "128", "--suffix-len", "16",
+                        "--output-len", "8", "--requests", "48", "--concurrency", "8", "--max-model-len", "512",
+                        "--seeds", "2", "--scales", "1", "4", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    study = json.loads((out / "results.json").read_text())
+    assert set(study["policies"]) == {"least_loaded", "round_robin", "kv"}
+    assert study["policies"]["kv"]["cached"] > study["policies"]["round_robin"]["cached"]
+    assert [row["prefill_load_scale"] for row in study["scale_sweep"]] == [1, 4]
+    assert "| kv |" in p.stdout and (out / "summary.md").read_text().strip() in p.stdout

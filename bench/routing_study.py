@@ -1,0 +1,143 @@
+"""`slurmserve bench routing`: the routing policies on a shared-prefix workload, on virtual time.
+
+The served routing scenario (bench/scenarios/routing-policies.yaml) runs 4 sim engines, the head
+and the load generator on one machine, so its numbers move with that machine's load and take
+minutes per run. This runs the same workload through `bench.fleet_sim` instead: the same SimEngine
+scheduling and step model, the head's own policy classes and load account, KV events applied the
+moment an engine publishes them, no network and no CPU contention. A run takes a fraction of a
+second, so every figure is the median over many seeds (each seed draws other prefixes and another
+request order), and the gap to the served figures is what the real system adds.
+
+Reported per policy: TTFT p50 / p99, E2E p99, cached-token fraction; kv against round_robin per
+seed; a sweep of kv's `prefill_load_scale`; and a steady-state row (the last `--requests` of
+twice as many), where every prefix is long cached and no cold start remains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from slurmserve.bench.datasets import build
+from slurmserve.bench.fleet_sim import POLICIES, Fleet
+from slurmserve.bench.loadgen import Result, summarize
+from slurmserve.config import KVRoutingConfig, SimConfig
+
+
+def run_once(a, policy: str, seed: int, scale: float | None = None, requests: int | None = None) -> list[Result]:
+    n = requests or a.requests
+    specs = build("prefix-repetition", n, num_prefixes=a.prefixes, prefix_len=a.prefix_len,
+                  suffix_len=a.suffix_len, output_len=a.output_len, seed=seed)
+    sim = SimConfig(speedup=float("inf"), num_kv_blocks=a.num_kv_blocks, block_size=a.block_size)
+    kv = KVRoutingConfig(prefill_load_scale=a.prefill_load_scale if scale is None else scale)
+    fleet = Fleet(sim, workers=a.workers, policy=policy, max_model_len=a.max_model_len, kv=kv)
+    return fleet.run([(len(s.prompt), s.max_tokens) for s in specs], prompts=[s.prompt for s in specs],
+                     concurrency=a.concurrency)
+
+
+def figures(results: list[Result]) -> dict:
+    s = summarize(results, max(r.start + r.e2e for r in results))
+    return {"ttft_p50": s["ttft_ms"]["p50"], "ttft_p99": s["ttft_ms"]["p99"], "e2e_p99": s["e2e_ms"]["p99"],
+            "cached": s["cached_fraction"]}
+
+
+def change(kv: dict, rr: dict, key: str) -> float:
+    return 100.0 * (kv[key] / rr[key] - 1.0)
+
+
+def spread(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def run_study(a) -> dict:
+    t0 = time.perf_counter()
+    seeds = range(a.seed, a.seed + a.seeds)
+    per = {p: [figures(run_once(a, p, s)) for s in seeds] for p in POLICIES}
+    rr = per["round_robin"]
+    sweep = []
+    for scale in a.scales:
+        kv = [figures(run_once(a, "kv", s, scale)) for s in seeds]
+        sweep.append({"prefill_load_scale": scale,
+                      "ttft_p50_change": spread([change(k, r, "ttft_p50") for k, r in zip(kv, rr)]),
+                      "e2e_p99_change": spread([change(k, r, "e2e_p99") for k, r in zip(kv, rr)])})
+    steady = {}
+    for p in ("round_robin", "kv"):
+        steady[p] = [figures(run_once(a, p, s, requests=2 * a.requests)[a.requests:]) for s in seeds]
+    return {
+        "args": {k: v for k, v in vars(a).items() if k not in ("func", "out")},
+        "policies": {p: {k: statistics.median(f[k] for f in per[p]) for k in per[p][0]} for p in POLICIES},
+        "kv_vs_round_robin": {"ttft_p50_change": spread([change(k, r, "ttft_p50") for k, r in zip(per["kv"], rr)]),
+                              "e2e_p99_change": spread([change(k, r, "e2e_p99") for k, r in zip(per["kv"], rr)])},
+        "scale_sweep": sweep,
+        "steady_state": {
+            "ttft_p50": {p: statistics.median(f["ttft_p50"] for f in steady[p]) for p in steady},
+            "ttft_p50_change": spread([change(k, r, "ttft_p50") for k, r in zip(steady["kv"], steady["round_robin"])])},
+        "elapsed_s": time.perf_counter() - t0,
+    }
+
+
+def _pm(s: dict) -> str:
+    return f"{s['median']:+.1f}% ({s['min']:+.1f} to {s['max']:+.1f})"
+
+
+def markdown(study: dict) -> str:
+    a = study["args"]
+    lines = [f"{a['workers']} sim engines, {a['num_kv_blocks']} KV blocks of {a['block_size']} tokens; "
+             f"{a['prefixes']} prefixes of {a['prefix_len']} + {a['suffix_len']} unique tokens, "
+             f"{a['output_len']} out; {a['requests']} requests at concurrency {a['concurrency']}; "
+             f"kv prefill_load_scale {a['prefill_load_scale']}; medians over {a['seeds']} seeds (virtual time).",
+             "", "| policy | TTFT p50 (ms) | TTFT p99 (ms) | E2E p99 (ms) | cached fraction |", "|---|---|---|---|---|"]
+    for p, f in study["policies"].items():
+        lines.append(f"| {p} | {f['ttft_p50']:.1f} | {f['ttft_p99']:.1f} | {f['e2e_p99']:.0f} | {f['cached']:.3f} |")
+    kv = study["kv_vs_round_robin"]
+    lines += ["", f"kv vs round_robin, per seed (median, range): TTFT p50 {_pm(kv['ttft_p50_change'])}, "
+                  f"E2E p99 {_pm(kv['e2e_p99_change'])}.",
+              "", "| kv prefill_load_scale | TTFT p50 vs round_robin | E2E p99 vs round_robin |", "|---|---|---|"]
+    for row in study["scale_sweep"]:
+        lines.append(f"| {row['prefill_load_scale']:g} | {_pm(row['ttft_p50_change'])} | {_pm(row['e2e_p99_change'])} |")
+    st = study["steady_state"]
+    lines += ["", f"Steady state (the last {a['requests']} of {2 * a['requests']} requests): TTFT p50 round_robin "
+                  f"{st['ttft_p50']['round_robin']:.1f} ms, kv {st['ttft_p50']['kv']:.1f} ms, "
+                  f"{_pm(st['ttft_p50_change'])}."]
+    return "\n".join(lines)
+
+
+def cmd_routing(a) -> int:
+    study = run_study(a)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "results.json").write_text(json.dumps(study, indent=1))
+    md = markdown(study)
+    (a.out / "summary.md").write_text(md + "\n")
+    print(md)
+    print(f"\n{study['elapsed_s']:.0f} s; results in {a.out}")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # defaults: the KV-routing issue's workload (and bench/scenarios/routing-policies.yaml's)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--num-kv-blocks", type=int, default=512)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--prefixes", type=int, default=32)
+    p.add_argument("--prefix-len", type=int, default=1792)
+    p.add_argument("--suffix-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--prefill-load-scale", type=float, default=KVRoutingConfig().prefill_load_scale,
+                   help="kv's weight of prefill work (default: the router's)")
+    p.add_argument("--scales", type=float, nargs="*", default=[1, 2, 3, 4, 5, 6, 8],
+                   help="prefill_load_scale values to sweep")
+    p.add_argument("--seeds", type=int, default=12, help="runs per figure, each with its own dataset seed")
+    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--out", type=Path, default=Path("runs/routing-study"))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("routing", help="routing policies on a shared-prefix workload, on virtual time")
+    add_arguments(p)
+    p.set_defaults(func=cmd_routing)
