@@ -101,8 +101,8 @@ class KVRoutingConfig(_Strict):
                               "router's own decisions, for engines that publish none.")
     approx_ttl_s: float = Field(120.0, gt=0, description="Approximate mode: how long a routed prefix "
                                                          "is assumed cached.")
-    prefill_load_scale: float = Field(6.0, ge=0, description="Weight of prefill work (queued, and this "
-                                      "prompt's uncached part) against held KV in the cost; 6 measured "
+    prefill_load_scale: float = Field(4.0, ge=0, description="Weight of prefill work (queued, and this "
+                                      "prompt's uncached part) against held KV in the cost; 4 measured "
                                       "best on the shared-prefix benchmark (docs/benchmarks.md).")
     busy_threshold: float = Field(0.95, gt=0, le=1, description="KV usage at which an instance is "
                                                                 "passed over while another is free.")
