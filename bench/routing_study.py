@@ -16,6 +16,7 @@ twice as many), where every prefix is long cached and no cold start remains.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -38,10 +39,21 @@ def run_once(a, policy: str, seed: int, scale: float | None = None, requests: in
                      concurrency=a.concurrency)
 
 
-def figures(results: list[Result]) -> dict:
+def figures(results: list[Result], full_hit_tokens: int) -> dict:
+    """Summary figures of one run; a request whose cached tokens cover its whole shared prefix
+    (`full_hit_tokens`) is a full hit, one with none cached a miss."""
     s = summarize(results, max(r.start + r.e2e for r in results))
+    hits = [r.ttft for r in results if r.cached_tokens >= full_hit_tokens]
+    misses = [r.ttft for r in results if r.cached_tokens == 0]
     return {"ttft_p50": s["ttft_ms"]["p50"], "ttft_p99": s["ttft_ms"]["p99"], "e2e_p99": s["e2e_ms"]["p99"],
-            "cached": s["cached_fraction"]}
+            "cached": s["cached_fraction"], "full_hits": len(hits) / len(results),
+            "ttft_p50_hits": 1e3 * statistics.median(hits) if hits else None,
+            "ttft_p50_misses": 1e3 * statistics.median(misses) if misses else None}
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    xs = [f[key] for f in runs if f[key] is not None]
+    return statistics.median(xs) if xs else None
 
 
 def change(kv: dict, rr: dict, key: str) -> float:
@@ -54,21 +66,23 @@ def spread(xs: list[float]) -> dict:
 
 def run_study(a) -> dict:
     t0 = time.perf_counter()
+    full_hit = a.prefix_len // a.block_size * a.block_size   # the engines cache whole blocks only
+    fig = functools.partial(figures, full_hit_tokens=full_hit)
     seeds = range(a.seed, a.seed + a.seeds)
-    per = {p: [figures(run_once(a, p, s)) for s in seeds] for p in POLICIES}
+    per = {p: [fig(run_once(a, p, s)) for s in seeds] for p in POLICIES}
     rr = per["round_robin"]
     sweep = []
     for scale in a.scales:
-        kv = [figures(run_once(a, "kv", s, scale)) for s in seeds]
+        kv = [fig(run_once(a, "kv", s, scale)) for s in seeds]
         sweep.append({"prefill_load_scale": scale,
                       "ttft_p50_change": spread([change(k, r, "ttft_p50") for k, r in zip(kv, rr)]),
                       "e2e_p99_change": spread([change(k, r, "e2e_p99") for k, r in zip(kv, rr)])})
     steady = {}
     for p in ("round_robin", "kv"):
-        steady[p] = [figures(run_once(a, p, s, requests=2 * a.requests)[a.requests:]) for s in seeds]
+        steady[p] = [fig(run_once(a, p, s, requests=2 * a.requests)[a.requests:]) for s in seeds]
     return {
         "args": {k: v for k, v in vars(a).items() if k not in ("func", "out")},
-        "policies": {p: {k: statistics.median(f[k] for f in per[p]) for k in per[p][0]} for p in POLICIES},
+        "policies": {p: {k: median_of(per[p], k) for k in per[p][0]} for p in POLICIES},
         "kv_vs_round_robin": {"ttft_p50_change": spread([change(k, r, "ttft_p50") for k, r in zip(per["kv"], rr)]),
                               "e2e_p99_change": spread([change(k, r, "e2e_p99") for k, r in zip(per["kv"], rr)])},
         "scale_sweep": sweep,
@@ -83,15 +97,21 @@ def _pm(s: dict) -> str:
     return f"{s['median']:+.1f}% ({s['min']:+.1f} to {s['max']:+.1f})"
 
 
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def markdown(study: dict) -> str:
     a = study["args"]
     lines = [f"{a['workers']} sim engines, {a['num_kv_blocks']} KV blocks of {a['block_size']} tokens; "
              f"{a['prefixes']} prefixes of {a['prefix_len']} + {a['suffix_len']} unique tokens, "
              f"{a['output_len']} out; {a['requests']} requests at concurrency {a['concurrency']}; "
              f"kv prefill_load_scale {a['prefill_load_scale']}; medians over {a['seeds']} seeds (virtual time).",
-             "", "| policy | TTFT p50 (ms) | TTFT p99 (ms) | E2E p99 (ms) | cached fraction |", "|---|---|---|---|---|"]
+             "", "| policy | TTFT p50 (ms) | TTFT p99 (ms) | E2E p99 (ms) | cached fraction | full hits "
+                 "| TTFT p50 of full hits / misses (ms) |", "|---|---|---|---|---|---|---|"]
     for p, f in study["policies"].items():
-        lines.append(f"| {p} | {f['ttft_p50']:.1f} | {f['ttft_p99']:.1f} | {f['e2e_p99']:.0f} | {f['cached']:.3f} |")
+        lines.append(f"| {p} | {f['ttft_p50']:.1f} | {f['ttft_p99']:.1f} | {f['e2e_p99']:.0f} | {f['cached']:.3f} "
+                     f"| {f['full_hits']:.0%} | {_ms(f['ttft_p50_hits'])} / {_ms(f['ttft_p50_misses'])} |")
     kv = study["kv_vs_round_robin"]
     lines += ["", f"kv vs round_robin, per seed (median, range): TTFT p50 {_pm(kv['ttft_p50_change'])}, "
                   f"E2E p99 {_pm(kv['e2e_p99_change'])}.",

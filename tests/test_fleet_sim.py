@@ -116,6 +116,7 @@ def test_bench_routing_cli_writes_the_study(tmp_path):
     assert p.returncode == 0, p.stderr
     study = json.loads((out / "results.json").read_text())
     assert set(study["policies"]) == {"least_loaded", "round_robin", "kv"}
-    assert study["policies"]["kv"]["cached"] > study["policies"]["round_robin"]["cached"]
+    kv, rr = study["policies"]["kv"], study["policies"]["round_robin"]
+    assert kv["cached"] > rr["cached"] and kv["full_hits"] > rr["full_hits"]
     assert [row["prefill_load_scale"] for row in study["scale_sweep"]] == [1, 4]
     assert "| kv |" in p.stdout and (out / "summary.md").read_text().strip() in p.stdout
