@@ -127,10 +127,10 @@ class _Engine(HeadLoad):
 
 @dataclass
 class _Leg:
-    """One request's leg on one engine, and what the head's load account holds for it there."""
+    """One request's leg on one engine, and its share of that engine's HeadLoad."""
     i: int                       # the request's index
     last: bool                   # the leg the client's tokens come from
-    prefill_blocks: int          # uncached prompt blocks, until the first token
+    prefill_blocks: int
     held_blocks: int
     held_hashes: list[int] | None
 
@@ -219,8 +219,7 @@ class Fleet:
             bs = eng.block_size
             leg = _Leg(i, last, route.prompt_blocks(bs) - route.overlap_blocks, route.prompt_blocks(bs),
                        route.known_hashes(bs))
-            eng.prefill_blocks += leg.prefill_blocks
-            eng.hold(leg.held_blocks, leg.held_hashes)
+            eng.add(leg)
             legs[rid] = leg
             start(eng, t)
 
@@ -268,15 +267,14 @@ class Fleet:
                 r = results[leg.i]
                 req.out.clear()
                 if req.num_out and leg.prefill_blocks:
-                    eng.prefill_blocks -= leg.prefill_blocks     # past its first token
-                    leg.prefill_blocks = 0
+                    eng.prefilled(leg)                          # past its first token
                 if leg.last and not r.ttft and req.num_out:
                     r.ttft = t - r.start
                     r.cached_tokens = req.num_cached or 0
                 if req.finish is None:
                     continue
                 eng.inflight -= 1
-                eng.let_go(leg.held_blocks, leg.held_hashes)
+                eng.remove(leg)
                 del legs[req.req_id]
                 if leg.last:
                     r.ok, r.e2e, r.output_tokens = True, t - r.start, req.num_out

@@ -56,11 +56,9 @@ def median_of(runs: list[dict], key: str) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def change(kv: dict, rr: dict, key: str) -> float:
-    return 100.0 * (kv[key] / rr[key] - 1.0)
-
-
-def spread(xs: list[float]) -> dict:
+def versus(kv: list[dict], rr: list[dict], key: str) -> dict:
+    """kv's change against round robin in `key`, seed by seed (in %): median and range."""
+    xs = [100.0 * (k[key] / r[key] - 1.0) for k, r in zip(kv, rr)]
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
@@ -73,22 +71,20 @@ def run_study(a) -> dict:
     rr = per["round_robin"]
     sweep = []
     for scale in a.scales:
-        kv = [fig(run_once(a, "kv", s, scale)) for s in seeds]
-        sweep.append({"prefill_load_scale": scale,
-                      "ttft_p50_change": spread([change(k, r, "ttft_p50") for k, r in zip(kv, rr)]),
-                      "e2e_p99_change": spread([change(k, r, "e2e_p99") for k, r in zip(kv, rr)])})
-    steady = {}
-    for p in ("round_robin", "kv"):
-        steady[p] = [fig(run_once(a, p, s, requests=2 * a.requests)[a.requests:]) for s in seeds]
+        kv = per["kv"] if scale == a.prefill_load_scale else [fig(run_once(a, "kv", s, scale)) for s in seeds]
+        sweep.append({"prefill_load_scale": scale, "ttft_p50_change": versus(kv, rr, "ttft_p50"),
+                      "e2e_p99_change": versus(kv, rr, "e2e_p99")})
+    steady = {p: [fig(run_once(a, p, s, requests=2 * a.requests)[a.requests:]) for s in seeds]
+              for p in ("round_robin", "kv")}
     return {
         "args": {k: v for k, v in vars(a).items() if k not in ("func", "out")},
         "policies": {p: {k: median_of(per[p], k) for k in per[p][0]} for p in POLICIES},
-        "kv_vs_round_robin": {"ttft_p50_change": spread([change(k, r, "ttft_p50") for k, r in zip(per["kv"], rr)]),
-                              "e2e_p99_change": spread([change(k, r, "e2e_p99") for k, r in zip(per["kv"], rr)])},
+        "kv_vs_round_robin": {"ttft_p50_change": versus(per["kv"], rr, "ttft_p50"),
+                              "e2e_p99_change": versus(per["kv"], rr, "e2e_p99")},
         "scale_sweep": sweep,
         "steady_state": {
-            "ttft_p50": {p: statistics.median(f["ttft_p50"] for f in steady[p]) for p in steady},
-            "ttft_p50_change": spread([change(k, r, "ttft_p50") for k, r in zip(steady["kv"], steady["round_robin"])])},
+            "ttft_p50": {p: median_of(steady[p], "ttft_p50") for p in steady},
+            "ttft_p50_change": versus(steady["kv"], steady["round_robin"], "ttft_p50")},
         "elapsed_s": time.perf_counter() - t0,
     }
 

@@ -85,7 +85,7 @@ class DeltaStream:
     def push(self, delta: P.Delta, dirty: list[DeltaStream]) -> None:
         if not self.started:
             self.started = True
-            self.instance.prefill_blocks -= self.prefill_blocks
+            self.instance.prefilled(self)
         self._items.append(delta)
         if self._sink is not None:
             if not self._dirty:
@@ -195,8 +195,7 @@ class EngineClient:
         and its `held_blocks` as held KV until it is released; a block among its `held_hashes`
         that another request here holds already is not counted again. The `kv` policy reads both."""
         stream = DeltaStream(req_id, inst, prefill_blocks, held_blocks, held_hashes)
-        inst.prefill_blocks += prefill_blocks
-        inst.hold(held_blocks, held_hashes)
+        inst.add(stream)
         inst.streams[req_id] = stream
         self.streams[req_id] = stream
         self.sock.send_to(inst.identity, P.encode(P.Generate(req_id, prompt_token_ids, params, kv_transfer_params,
@@ -207,11 +206,7 @@ class EngineClient:
         """Forget a request; if the engine has not finished it, abort it there."""
         self.streams.pop(stream.req_id, None)
         inst = stream.instance
-        if not stream.started:
-            inst.prefill_blocks -= stream.prefill_blocks
-        inst.let_go(stream.held_blocks, stream.held_hashes)
-        stream.prefill_blocks = stream.held_blocks = 0   # released once
-        stream.held_hashes = None
+        inst.remove(stream)
         if inst.streams.pop(stream.req_id, None) is not None and not stream.done and inst.up:
             self.sock.send_to(inst.identity, P.encode(P.Abort([stream.req_id])))
 

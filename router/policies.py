@@ -31,10 +31,18 @@ class Candidate(Protocol):
     held_hashes: dict[int, int]  # the hashes of those blocks -> requests holding each
 
 
+class LoadShare(Protocol):
+    """One request's share of an instance's HeadLoad (a DeltaStream at the head)."""
+    prefill_blocks: int                # uncached prompt blocks, pending until its first token
+    held_blocks: int                   # KV blocks held until it ends
+    held_hashes: list[int] | None      # the hashes of those blocks that are full, if known
+
+
 @dataclass(eq=False, kw_only=True)
 class HeadLoad:
     """The head's own load account of an instance between heartbeats (see Orchestrator): KV blocks
-    still to prefill, and KV blocks held, by requests routed there."""
+    still to prefill, and KV blocks held, by requests routed there. A request's share goes in with
+    `add`, its prefill leaves with `prefilled` at its first token, and the rest with `remove`."""
 
     prefill_blocks: int = 0
     decode_blocks: int = 0
@@ -42,23 +50,33 @@ class HeadLoad:
     # that share a prefix share its KV, so decode_blocks counts such a block once.
     held_hashes: dict[int, int] = field(default_factory=dict)
 
-    def hold(self, blocks: int, hashes: list[int] | None) -> None:
-        """Count a request's `blocks` as KV held here, except those among its full blocks'
-        `hashes` that another request here holds already."""
-        if hashes:
+    def add(self, share: LoadShare) -> None:
+        """Count a request routed here: its prefill as pending, its blocks as held, except those
+        among its full blocks' hashes that another request here holds already."""
+        self.prefill_blocks += share.prefill_blocks
+        blocks = share.held_blocks
+        if share.held_hashes:
             held = self.held_hashes
-            for h in hashes:
+            for h in share.held_hashes:
                 n = held.get(h, 0)
                 held[h] = n + 1
                 if n:
                     blocks -= 1
         self.decode_blocks += blocks
 
-    def let_go(self, blocks: int, hashes: list[int] | None) -> None:
-        """Undo `hold` for a request that ended: blocks another request still holds stay counted."""
-        if hashes:
+    def prefilled(self, share: LoadShare) -> None:
+        """The request's first token: its prefill is no longer pending."""
+        self.prefill_blocks -= share.prefill_blocks
+        share.prefill_blocks = 0
+
+    def remove(self, share: LoadShare) -> None:
+        """Undo what is left of `add` for a request that ended, once (the share is emptied): blocks
+        another request here still holds stay counted."""
+        self.prefill_blocks -= share.prefill_blocks
+        blocks = share.held_blocks
+        if share.held_hashes:
             held = self.held_hashes
-            for h in hashes:
+            for h in share.held_hashes:
                 n = held[h]
                 if n > 1:
                     held[h] = n - 1
@@ -66,6 +84,8 @@ class HeadLoad:
                 else:
                     del held[h]
         self.decode_blocks -= blocks
+        share.prefill_blocks = share.held_blocks = 0
+        share.held_hashes = None
 
 
 class Route:
