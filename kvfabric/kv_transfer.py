@@ -1,8 +1,9 @@
 """Moves KV blocks between engine instances: NIXL (UCX) one-sided READs, or ZeroMQ without nixl.
 
-Each instance owns one `KVTransfer`: a host buffer of `num_blocks` KV blocks of `block_bytes` each
-(`buffer`, a numpy array indexed by block id), registered with NIXL when nixl is importable, and a
-side channel: a CURVE-protected ZeroMQ ROUTER bound on the runtime-assigned `kv_side_channel_port`.
+Each instance owns one `KVTransfer`: a buffer of `num_blocks` KV blocks of `block_bytes` each
+(`buffer`, indexed by block id: a numpy array in host memory, or with `device="cuda:N"` a torch
+tensor on that GPU, see kv_buffer.py), registered with NIXL when nixl is importable, and a side
+channel: a CURVE-protected ZeroMQ ROUTER bound on the runtime-assigned `kv_side_channel_port`.
 The side channel's public key travels only inside the job (MPI bootstrap endpoints), so another
 user of the cluster who finds the port cannot complete a handshake, read the NIXL metadata (which
 holds the buffer's remote keys) or, over ZeroMQ, the KV bytes.
@@ -48,6 +49,7 @@ import msgspec
 import numpy as np
 import zmq
 
+from slurmserve.kvfabric import kv_buffer
 from slurmserve.kvfabric.ucx_env import ucx_env_defaults
 
 log = logging.getLogger(__name__)
@@ -138,10 +140,11 @@ class KVTransfer:
                  *, export_timeout_s: float = 30.0, handshake_timeout_s: float = 2.0,
                  import_timeout_s: float = 10.0, idle_poll_s: float = 0.05, busy_poll_s: float = 50e-6,
                  spin_s: float = 2e-3, max_nap_s: float = 200e-6, fast_window_s: float = 0.05,
-                 pending_poll_s: float = 1e-3):
+                 pending_poll_s: float = 1e-3, device: str = "cpu"):
         """`curve_keys`: this side channel's CURVE (public, secret) pair. `peer_keys`: "host:port"
         of every side channel this instance may pull from -> its public key; a peer not in it is
-        refused. `port` 0 binds a free port (tests)."""
+        refused. `port` 0 binds a free port (tests). `device`: where the blocks live, "cpu" or
+        "cuda:N"; a peer's blocks may live elsewhere (host to GPU pulls work)."""
         if block_bytes <= 0 or block_bytes % 8:
             raise ValueError(f"block_bytes must be a positive multiple of 8, got {block_bytes}")
         self.name = name
@@ -160,8 +163,8 @@ class KVTransfer:
         self.pending_poll_s = pending_poll_s
         self._public, self._secret = (k.encode() if isinstance(k, str) else k for k in curve_keys)
         self._peer_keys = {a: (k.encode() if isinstance(k, str) else k) for a, k in peer_keys.items()}
-        # np.zeros of this size is mmap'ed: page-aligned, and untouched pages cost nothing
-        self.buffer = np.zeros((num_blocks, block_bytes), dtype=np.uint8)
+        self.placement = kv_buffer.placement(device)
+        self.buffer = kv_buffer.allocate(num_blocks, block_bytes, self.placement)
         self.stats = {"exports": 0, "exports_done": 0, "exports_expired": 0, "imports": 0,
                       "import_failures": 0, "bytes_in": 0, "handshakes": 0, "peers_dropped": 0}
         self._lock = threading.Lock()
@@ -280,7 +283,8 @@ class KVTransfer:
                      remote_block_ids: list[int] | None = None, timeout_s: float | None = None) -> cf.Future:
         """import_ on this instance's importer thread; the Future holds its result or error."""
         if self._importer is None:
-            self._importer = cf.ThreadPoolExecutor(1, thread_name_prefix=f"kv-import-{self.name}")
+            self._importer = cf.ThreadPoolExecutor(1, thread_name_prefix=f"kv-import-{self.name}",
+                                                   initializer=kv_buffer.bind_thread, initargs=(self.placement,))
         return self._importer.submit(self.import_, params, local_block_ids, remote_block_ids, timeout_s)
 
     def _peer(self, params: dict[str, Any], deadline: float) -> _Peer:
@@ -321,6 +325,12 @@ class KVTransfer:
             self._disconnect(peer)
         except Exception:
             log.debug("dropping peer %s", peer.name, exc_info=True)
+
+    def metadata(self) -> dict[str, Any]:
+        """What the side channel's handshake tells a reader: this instance and, for NIXL, its
+        agent's metadata and where its blocks live."""
+        return {"name": self.name, "session": self.session, "num_blocks": self.num_blocks,
+                "block_bytes": self.block_bytes, **self._describe()}
 
     # ---- side channel: client -------------------------------------------------------------------
 
@@ -381,6 +391,7 @@ class KVTransfer:
         pending_ms = max(1, int(self.pending_poll_s * 1000))
         next_expiry = time.monotonic() + 1.0
         fast_until = 0.0
+        kv_buffer.bind_thread(self.placement)     # UCX's CUDA calls for a GPU buffer run here too
         try:
             while True:
                 busy = self.needs_passive_progress and bool(self._exports)
@@ -418,9 +429,7 @@ class KVTransfer:
         ident, op = frames[0], frames[1].bytes if len(frames) > 1 else b""
         try:
             if op == b"MD":
-                info = {"name": self.name, "session": self.session, "num_blocks": self.num_blocks,
-                        "block_bytes": self.block_bytes, **self._describe()}
-                reply = [b"MD", _enc.encode(info)]
+                reply = [b"MD", _enc.encode(self.metadata())]
             elif op == b"DONE" and len(frames) == 3:
                 self._export_done(frames[2].bytes, True)
                 reply = [b"OK"]
@@ -493,7 +502,7 @@ class ZmqKVTransfer(KVTransfer):
         data = np.frombuffer(reply[2], dtype=np.uint8) if len(reply) > 2 else np.empty(0, np.uint8)
         if data.size != len(local) * self.block_bytes:
             raise KVTransferError(f"peer {peer.name} sent {data.size} bytes for {len(local)} blocks")
-        self.buffer[local] = data.reshape(len(local), self.block_bytes)
+        kv_buffer.scatter(self.buffer, local, data.reshape(len(local), self.block_bytes))
 
     def _serve_op(self, op: bytes, args: list) -> list:
         if op != b"READ" or len(args) != 2:
@@ -501,7 +510,7 @@ class ZmqKVTransfer(KVTransfer):
         tag, ids = args[0].bytes, _dec.decode(args[1].bytes)
         if any(not isinstance(b, int) or not 0 <= b < self.num_blocks for b in ids):
             raise ValueError("block id out of range")
-        data = self.buffer[np.asarray(ids, dtype=np.int64)]      # gather: one frame, no further copy
+        data = kv_buffer.gather(self.buffer, ids)      # one frame, no further copy
         self._export_done(tag, True)                              # the read is the notification
         return [b"DATA", tag, data]
 
@@ -520,23 +529,32 @@ class NixlKVTransfer(KVTransfer):
                                 sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_RW)
         self.agent = nixl_agent(self.name, cfg)
         self.agent.create_backend("UCX", {})
-        self._base = self.buffer.ctypes.data
-        self._reg = self.agent.register_memory([(self._base, self.buffer.nbytes, 0, "")], "DRAM")
-        self._dlist = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._descs(self._base, self.num_blocks), "DRAM")
+        where = self.placement
+        self._base = kv_buffer.address(self.buffer)
+        self._reg = self.agent.register_memory([(self._base, self.buffer.nbytes, where.dev_id, "")], where.mem_type)
+        self._dlist = self.agent.prep_xfer_dlist(
+            "NIXL_INIT_AGENT", self._descs(self._base, self.num_blocks, where.dev_id), where.mem_type)
 
-    def _descs(self, base: int, n: int) -> np.ndarray:
+    def _descs(self, base: int, n: int, dev_id: int) -> np.ndarray:
         d = np.zeros((n, 3), dtype=np.uint64)
         d[:, 0] = base + np.arange(n, dtype=np.uint64) * np.uint64(self.block_bytes)
         d[:, 1] = self.block_bytes
+        d[:, 2] = dev_id
         return d
 
     def _describe(self) -> dict:
-        return {"md": self.agent.get_agent_metadata(), "base": self._base}
+        where = self.placement
+        return {"md": self.agent.get_agent_metadata(), "base": self._base, "mem": where.mem_type,
+                "dev": where.dev_id}
 
     def _connect(self, peer: _Peer, info: dict) -> None:
+        mem = info.get("mem", "DRAM")
+        if mem not in ("DRAM", "VRAM"):
+            raise KVTransferError(f"peer {peer.name} has blocks in unknown memory {mem!r}")
         name = self.agent.add_remote_agent(info["md"])
         try:
-            dlist = self.agent.prep_xfer_dlist(name, self._descs(int(info["base"]), peer.num_blocks), "DRAM")
+            descs = self._descs(int(info["base"]), peer.num_blocks, int(info.get("dev", 0)))
+            dlist = self.agent.prep_xfer_dlist(name, descs, mem)
         except Exception:
             self.agent.remove_remote_agent(name)
             raise

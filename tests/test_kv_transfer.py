@@ -422,3 +422,39 @@ def test_auto_backend_is_zeromq_without_nixl():
     assert peer.port == "zmq"          # the first message is the backend `auto` picked
     peer.proc.join(30)
     assert peer.proc.exitcode == 0
+
+
+def test_kv_buffer_device_names_and_host_gather_scatter():
+    """Where a KVTransfer's blocks may live; a bad name is a ValueError that names the choices.
+    (Pulls into and out of GPU memory are in test_kv_transfer_gpu.py.)"""
+    from slurmserve.kvfabric import kv_buffer
+    assert kv_buffer.placement("cpu") == kv_buffer.Placement("cpu", "DRAM", 0)
+    assert kv_buffer.placement("cuda") == kv_buffer.Placement("cuda:0", "VRAM", 0)
+    assert kv_buffer.placement("cuda:3").dev_id == 3
+    for bad in ("gpu", "cuda:", "cuda:x", "CPU"):
+        with pytest.raises(ValueError, match="'cpu', 'cuda' or 'cuda:N'"):
+            kv_buffer.placement(bad)
+    buf = kv_buffer.allocate(8, 16, kv_buffer.placement("cpu"))
+    data = np.arange(32, dtype=np.uint8).reshape(2, 16)
+    kv_buffer.scatter(buf, [5, 2], data)
+    assert (kv_buffer.gather(buf, [2, 5]) == data[::-1]).all() and not buf[[0, 1, 3, 4, 6, 7]].any()
+
+
+def test_bench_kv_transfer_cli_writes_its_table_and_json(tmp_path):
+    """`slurmserve bench kv-transfer` on a small grid: every cell moved (and checked) the bytes on
+    all three paths; a device that is not there is refused with one line."""
+    import subprocess
+    import sys
+    out = tmp_path / "kv.json"
+    run = subprocess.run([sys.executable, "-m", "slurmserve", "bench", "kv-transfer", "--block-sizes", "16k,1m",
+                          "--batches", "1,8", "--min-iters", "3", "--max-iters", "3", "--result-json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert [(r["block_bytes"], r["batch"]) for r in result["rows"]] == [(16384, 1), (16384, 8), (1 << 20, 1), (1 << 20, 8)]
+    assert all(r[p]["gbps"] > 0 for r in result["rows"] for p in ("memcpy", "nixl", "kvfabric"))
+    assert result["config"]["device"] == "cpu" and set(result["kvfabric_vs_nixl_1mib"]) == {"1", "8"}
+    assert "kvfabric ÷ raw NIXL at 1 MiB blocks" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "slurmserve", "bench", "kv-transfer", "--device", "cuda:7"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "no such CUDA device here" in bad.stderr and "Traceback" not in bad.stderr
