@@ -12,7 +12,8 @@ at t + step_ms, and the engine then starts its next step. Requests arriving duri
 the next one, as in the served engine.
 
 Aggregated fleet: `workers` engines, router `least_loaded`, `round_robin` or `kv` (the head's own
-policy classes from `router.policies`, fed the simulator's exact load). For `kv`, every step's KV
+policy classes from `router.policies`, fed the simulator's exact load), or any object with the
+policies' `choose` (`bench routing`'s oracle). For `kv`, every step's KV
 events go straight into a fleet `KVIndex`, and the fleet keeps the head's load account (prefill
 blocks until the first token, held blocks until the end) as the Orchestrator does.
 
@@ -45,7 +46,7 @@ from slurmserve.bench.loadgen import Result, arrival_times, meets_slos, summariz
 from slurmserve.config import DeploymentConfig, KVRoutingConfig, SimConfig
 from slurmserve.kvfabric.events import BlockRemoved
 from slurmserve.kvfabric.kv_index import KVIndex
-from slurmserve.router.policies import HeadLoad, KVAware, LeastLoaded, PrefixHasher, RoundRobin, Route
+from slurmserve.router.policies import HeadLoad, KVAware, LeastLoaded, Policy, PrefixHasher, RoundRobin, Route
 from slurmserve.runtime.engine import EngineContext, EngineRequest
 from slurmserve.runtime.protocol import SamplingParams
 from slurmserve.runtime.sim_engine import SimEngine, _Req, decode_step_ms, prefill_step_ms
@@ -139,16 +140,16 @@ class Fleet:
     """An aggregated (`workers`) or disaggregated (`prefill` + `decode`) fleet of sim engines."""
 
     def __init__(self, sim: SimConfig | None = None, *, workers: int = 0, prefill: int = 0, decode: int = 0,
-                 policy: str = "least_loaded", transfer_ms: float | None = None, max_model_len: int = 32768,
+                 policy: str | Policy = "least_loaded", transfer_ms: float | None = None, max_model_len: int = 32768,
                  kv: KVRoutingConfig | None = None):
         if workers and (prefill or decode):
             raise ValueError("either workers or prefill + decode")
         if not workers and not (prefill and decode):
             raise ValueError("need workers, or both prefill and decode engines")
-        if policy not in POLICIES:
+        if isinstance(policy, str) and policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
-        if policy == "kv" and not workers:
-            raise ValueError("the kv policy is simulated for aggregated fleets only")
+        if (policy == "kv" or not isinstance(policy, str)) and not workers:
+            raise ValueError(f"the {policy} policy is simulated for aggregated fleets only")
         self.sim = sim or SimConfig(speedup=float("inf"))
         self.disagg = not workers
         mk = lambda i, role: _Engine(i, role, self.sim, max_model_len, transfer_ms)  # noqa: E731
@@ -160,7 +161,9 @@ class Fleet:
         self.now = 0.0                                   # the virtual clock, in seconds
         self.index = KVIndex() if policy == "kv" else None
         self.hasher = PrefixHasher()                     # the engines' (no hash seed, sha256)
-        if policy == "kv":
+        if not isinstance(policy, str):
+            self.policies = {"worker": policy}
+        elif policy == "kv":
             kv = kv or KVRoutingConfig()
             self.policies = {"worker": KVAware(self.index, kv.prefill_load_scale, kv.busy_threshold,
                                                kv.temperature, seed=0, clock=lambda: self.now)}

@@ -9,8 +9,11 @@ second, so every figure is the median over many seeds (each seed draws other pre
 request order), and the gap to the served figures is what the real system adds.
 
 Reported per policy: TTFT p50 / p99, E2E p99, cached-token fraction; kv against round_robin per
-seed; a sweep of kv's `prefill_load_scale`; and a steady-state row (the last `--requests` of
-twice as many), where every prefix is long cached and no cold start remains.
+seed; a sweep of kv's `prefill_load_scale`; a steady-state row (the last `--requests` of twice as
+many), where every prefix is long cached and no cold start remains; and an oracle that is no
+router: it knows each prompt's prefix and pins every prefix to one engine, so that each request
+after its prefix's first is a full hit, the most any placement gets on this workload. What the
+oracle's TTFT gains over round robin bounds what cache affinity can gain here.
 """
 
 from __future__ import annotations
@@ -28,13 +31,32 @@ from slurmserve.bench.loadgen import Result, summarize
 from slurmserve.config import KVRoutingConfig, SimConfig
 
 
+ORACLE = "prefix-pinned (oracle)"
+
+
+class PrefixPinned:
+    """The oracle: the n-th distinct prefix to arrive goes to engine n mod workers, and so does
+    every later prompt that starts with it. It reads the prefix off the prompt's first block,
+    which only this dataset (a prefix longer than a block per prompt) makes possible."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.engine_of: dict[tuple[int, ...], int] = {}
+
+    def choose(self, candidates, route):
+        key = tuple(route.prompt_token_ids[:self.block_size])
+        n = self.engine_of.setdefault(key, len(self.engine_of))
+        return candidates[n % len(candidates)]
+
+
 def run_once(a, policy: str, seed: int, scale: float | None = None, requests: int | None = None) -> list[Result]:
     n = requests or a.requests
     specs = build("prefix-repetition", n, num_prefixes=a.prefixes, prefix_len=a.prefix_len,
                   suffix_len=a.suffix_len, output_len=a.output_len, seed=seed)
     sim = SimConfig(speedup=float("inf"), num_kv_blocks=a.num_kv_blocks, block_size=a.block_size)
     kv = KVRoutingConfig(prefill_load_scale=a.prefill_load_scale if scale is None else scale)
-    fleet = Fleet(sim, workers=a.workers, policy=policy, max_model_len=a.max_model_len, kv=kv)
+    router = PrefixPinned(a.block_size) if policy == ORACLE else policy
+    fleet = Fleet(sim, workers=a.workers, policy=router, max_model_len=a.max_model_len, kv=kv)
     return fleet.run([(len(s.prompt), s.max_tokens) for s in specs], prompts=[s.prompt for s in specs],
                      concurrency=a.concurrency)
 
@@ -67,7 +89,7 @@ def run_study(a) -> dict:
     full_hit = a.prefix_len // a.block_size * a.block_size   # the engines cache whole blocks only
     fig = functools.partial(figures, full_hit_tokens=full_hit)
     seeds = range(a.seed, a.seed + a.seeds)
-    per = {p: [fig(run_once(a, p, s)) for s in seeds] for p in POLICIES}
+    per = {p: [fig(run_once(a, p, s)) for s in seeds] for p in (*POLICIES, ORACLE)}
     rr = per["round_robin"]
     sweep = []
     for scale in a.scales:
@@ -78,9 +100,11 @@ def run_study(a) -> dict:
               for p in ("round_robin", "kv")}
     return {
         "args": {k: v for k, v in vars(a).items() if k not in ("func", "out")},
-        "policies": {p: {k: median_of(per[p], k) for k in per[p][0]} for p in POLICIES},
+        "policies": {p: {k: median_of(per[p], k) for k in per[p][0]} for p in per},
         "kv_vs_round_robin": {"ttft_p50_change": versus(per["kv"], rr, "ttft_p50"),
                               "e2e_p99_change": versus(per["kv"], rr, "e2e_p99")},
+        "oracle_vs_round_robin": {"ttft_p50_change": versus(per[ORACLE], rr, "ttft_p50"),
+                                  "e2e_p99_change": versus(per[ORACLE], rr, "e2e_p99")},
         "scale_sweep": sweep,
         "steady_state": {
             "ttft_p50": {p: median_of(steady[p], "ttft_p50") for p in steady},
@@ -108,9 +132,11 @@ def markdown(study: dict) -> str:
     for p, f in study["policies"].items():
         lines.append(f"| {p} | {f['ttft_p50']:.1f} | {f['ttft_p99']:.1f} | {f['e2e_p99']:.0f} | {f['cached']:.3f} "
                      f"| {f['full_hits']:.0%} | {_ms(f['ttft_p50_hits'])} / {_ms(f['ttft_p50_misses'])} |")
-    kv = study["kv_vs_round_robin"]
+    kv, oracle = study["kv_vs_round_robin"], study["oracle_vs_round_robin"]
     lines += ["", f"kv vs round_robin, per seed (median, range): TTFT p50 {_pm(kv['ttft_p50_change'])}, "
                   f"E2E p99 {_pm(kv['e2e_p99_change'])}.",
+              f"The oracle (every prefix pinned to one engine) vs round_robin: TTFT p50 "
+              f"{_pm(oracle['ttft_p50_change'])}, E2E p99 {_pm(oracle['e2e_p99_change'])}.",
               "", "| kv prefill_load_scale | TTFT p50 vs round_robin | E2E p99 vs round_robin |", "|---|---|---|"]
     for row in study["scale_sweep"]:
         lines.append(f"| {row['prefill_load_scale']:g} | {_pm(row['ttft_p50_change'])} | {_pm(row['e2e_p99_change'])} |")

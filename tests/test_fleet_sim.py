@@ -115,8 +115,10 @@ def test_bench_routing_cli_writes_the_study(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     study = json.loads((out / "results.json").read_text())
-    assert set(study["policies"]) == {"least_loaded", "round_robin", "kv"}
+    assert set(study["policies"]) == {"least_loaded", "round_robin", "kv", "prefix-pinned (oracle)"}
     kv, rr = study["policies"]["kv"], study["policies"]["round_robin"]
     assert kv["cached"] > rr["cached"] and kv["full_hits"] > rr["full_hits"]
+    assert study["policies"]["prefix-pinned (oracle)"]["full_hits"] > kv["full_hits"]   # the most there is
+    assert "oracle_vs_round_robin" in study
     assert [row["prefill_load_scale"] for row in study["scale_sweep"]] == [1, 4]
     assert "| kv |" in p.stdout and (out / "summary.md").read_text().strip() in p.stdout
