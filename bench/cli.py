@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from slurmserve.bench import datasets
+from slurmserve.bench.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from slurmserve.bench.loadgen import run_load, summarize
 from slurmserve.bench.procstat import CpuSampler
 
@@ -34,29 +35,29 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     target.add_argument("--api-key-file", type=Path, help="file holding the API key (never pass keys as args)")
     target.add_argument("--model", help="served model name (default: the server's first model)")
     load = p.add_argument_group("load")
-    load.add_argument("--concurrency", type=int, help="closed loop with this many users")
-    load.add_argument("--rate", type=float, help="open loop: requests per second")
-    load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
-    load.add_argument("--num-prompts", type=int, default=200)
-    load.add_argument("--duration", type=float, help="stop sending after this many seconds")
-    load.add_argument("--warmup", type=int, default=0, help="requests sent and discarded first")
+    load.add_argument("--concurrency", type=positive_int, help="closed loop with this many users")
+    load.add_argument("--rate", type=positive_float, help="open loop: requests per second")
+    load.add_argument("--burstiness", type=positive_float, default=1.0, help="gamma shape; 1 = Poisson")
+    load.add_argument("--num-prompts", type=positive_int, default=200)
+    load.add_argument("--duration", type=positive_float, help="stop sending after this many seconds")
+    load.add_argument("--warmup", type=non_negative_int, default=0, help="requests sent and discarded first")
     data = p.add_argument_group("dataset")
     data.add_argument("--dataset", default="random",
                       choices=["random", "prefix-repetition", "multi-turn", "sharegpt", "mooncake"])
     data.add_argument("--dataset-path", type=Path)
-    data.add_argument("--input-len", type=int, default=256)
-    data.add_argument("--output-len", type=int, default=64)
-    data.add_argument("--range-ratio", type=float, default=0.0)
-    data.add_argument("--num-prefixes", type=int, default=8)
-    data.add_argument("--prefix-len", type=int, default=1024)
-    data.add_argument("--suffix-len", type=int, default=128)
-    data.add_argument("--turns", type=int, default=4)
-    data.add_argument("--block-tokens", type=int, default=512, help="mooncake: tokens per hash id")
+    data.add_argument("--input-len", type=positive_int, default=256)
+    data.add_argument("--output-len", type=positive_int, default=64)
+    data.add_argument("--range-ratio", type=non_negative_float, default=0.0)
+    data.add_argument("--num-prefixes", type=positive_int, default=8)
+    data.add_argument("--prefix-len", type=non_negative_int, default=1024)
+    data.add_argument("--suffix-len", type=non_negative_int, default=128)
+    data.add_argument("--turns", type=positive_int, default=4)
+    data.add_argument("--block-tokens", type=positive_int, default=512, help="mooncake: tokens per hash id")
     data.add_argument("--tokenizer", type=Path,
                       help="the served model's directory (its tokenizer): ids from its vocabulary, chat "
                            "prompts of exact token counts, ShareGPT replies counted in tokens")
-    data.add_argument("--vocab", type=int, default=400, help="without --tokenizer: token ids are drawn below this")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--vocab", type=positive_int, default=400, help="without --tokenizer: token ids are drawn below this")
+    data.add_argument("--seed", type=non_negative_int, default=0)
     out = p.add_argument_group("output")
     out.add_argument("--goodput", nargs="+", metavar="SLO", help="e.g. ttft:200 tpot:50 e2e:5000 (ms)")
     out.add_argument("--cpu-pid", action="append", default=[], metavar="NAME=PID",
@@ -86,27 +87,47 @@ def build_specs(a) -> list:
         raise SystemExit(f"slurmserve bench: {e}") from None
 
 
+def _first_model(url: str, key: str) -> str:
+    """The served model name, from GET /models."""
+    import httpx
+    try:
+        r = httpx.get(url + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        r.raise_for_status()
+        return r.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+        raise SystemExit(f"slurmserve bench serve: cannot list the models at {url}/models "
+                         f"({type(e).__name__}: {e}); give --model, or check --url and the key") from None
+
+
 def cmd_serve(a) -> int:
     roots: dict[str, int] = {}
     key = ""
     if a.endpoint_file:
-        info = json.loads(a.endpoint_file.read_text())
-        a.url = a.url or info["url"]
-        a.model = a.model or info["model"]
-        a.api_key_file = a.api_key_file or Path(info["api_key_file"])
-        roots["head"] = info["pid"]
-        for inst in info.get("instances", []):
-            roots[f"{inst['role']}{inst['index']}"] = inst["pid"]
+        try:
+            info = json.loads(a.endpoint_file.read_text())
+            a.url = a.url or info["url"]
+            a.model = a.model or info["model"]
+            a.api_key_file = a.api_key_file or Path(info["api_key_file"])
+            roots["head"] = info["pid"]
+            for inst in info.get("instances", []):
+                roots[f"{inst['role']}{inst['index']}"] = inst["pid"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"slurmserve bench serve: --endpoint-file {a.endpoint_file}: "
+                             f"not a deployment's endpoint.json ({type(e).__name__}: {e})") from None
     for item in a.cpu_pid:
         name, _, pid = item.partition("=")
+        if not pid.isdigit():
+            raise SystemExit(f"slurmserve bench serve: --cpu-pid {item!r}: expected NAME=PID")
         roots[name] = int(pid)
     if not a.url:
         raise SystemExit("give --url or --endpoint-file")
     if a.api_key_file:
-        key = a.api_key_file.read_text().strip()
+        try:
+            key = a.api_key_file.read_text().strip()
+        except OSError as e:
+            raise SystemExit(f"slurmserve bench serve: --api-key-file: {e}") from None
     if not a.model:
-        import httpx
-        a.model = httpx.get(a.url + "/models", headers={"Authorization": f"Bearer {key}"}).json()["data"][0]["id"]
+        a.model = _first_model(a.url, key)
     specs = build_specs(a)
     warm, specs = specs[:a.warmup], specs[a.warmup:]
     if warm:

@@ -318,11 +318,17 @@ class GoodputSearch:
     every SLO. Rates are searched on a fixed geometric grid (start * step**k): doubling until the
     attainment drops below target, then bisection on the grid in between. Every rate is simulated
     once and shared by all SLO pairs; since a looser SLO meets the target wherever a tighter one
-    does, and both searches walk the same grid, a looser SLO never gets a lower rate."""
+    does, and both searches walk the same grid, a looser SLO never gets a lower rate.
 
-    def __init__(self, run_at, start: float, target: float = 0.9, step: float = 2 ** 0.25, max_doublings: int = 8):
+    Rates above `ceiling` are not simulated and count as missed: there a capped request count
+    would arrive as a burst too short to measure (Workload). `capped(rate)` says whether a result
+    stopped at that ceiling, i.e. the goodput is at least that rate."""
+
+    def __init__(self, run_at, start: float, target: float = 0.9, step: float = 2 ** 0.25, max_doublings: int = 8,
+                 ceiling: float = math.inf):
         self.run_at = run_at                 # rate -> list[Result]
         self.start, self.target, self.step, self.max_doublings = start, target, step, max_doublings
+        self.ceiling = ceiling
         self.cache: dict[int, list[Result]] = {}
 
     def rate(self, k: int) -> float:
@@ -334,7 +340,13 @@ class GoodputSearch:
         return self.cache[k]
 
     def ok(self, k: int, slos: dict[str, float]) -> bool:
+        if self.rate(k) > self.ceiling * (1 + 1e-9):
+            return False
         return attainment(self.results(k), slos) >= self.target
+
+    def capped(self, rate: float) -> bool:
+        """Did the search stop at `rate` only because the next grid rate is over the ceiling?"""
+        return rate > 0 and rate * self.step > self.ceiling * (1 + 1e-9)
 
     def max_rate(self, slos: dict[str, float]) -> float:
         """The goodput rate (req/s); 0 when even start / 2**max_doublings misses the target."""

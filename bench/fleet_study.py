@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from slurmserve.bench.argtypes import non_negative_float, non_negative_int, pair, positive_float, positive_int, share
 from slurmserve.bench.fleet_sim import GoodputSearch, Workload, attainment, simulate, step_decode_ms, step_prefill_ms
 from slurmserve.config import SimConfig
 from slurmserve.runtime.sim_engine import SimEngine
@@ -52,9 +53,13 @@ def _search(job: dict) -> dict:
     if job["transfer_ms"] is not None:
         fleet["transfer_ms"] = job["transfer_ms"]
     t0 = time.process_time()
+    # above this rate the capped request count (max_n) would arrive within fewer request lifetimes
+    # than asked for: a burst, which a fleet can absorb whatever its sustained rate
+    ceiling = wl.max_n / job["min_span_s"] if job["min_span_s"] > 0 else math.inf
     search = GoodputSearch(lambda r: simulate(fleet, wl, r, sim=sim)[0], job["start"], job["target"],
-                           job["step"])
+                           job["step"], ceiling=ceiling)
     rates = {name: search.max_rate(slos) for name, slos in job["slos"].items()}
+    capped = [name for name, rate in rates.items() if search.capped(rate)]
     curve = []
     for rate, results in search.curve():
         ok = [r for r in results if r.ok]
@@ -65,31 +70,29 @@ def _search(job: dict) -> dict:
                       "ttft_p50_ms": p(ttft, .5), "ttft_p90_ms": p(ttft, .9),
                       "tpot_p50_ms": p(tpot, .5), "tpot_p90_ms": p(tpot, .9)})
     return {"workload": job["workload"], "fleet": job["fleet"], "name": fleet_name(job["fleet"]),
-            "goodput_rate": rates, "curve": curve, "cpu_s": time.process_time() - t0}
+            "goodput_rate": rates, "capped": capped, "curve": curve, "cpu_s": time.process_time() - t0}
 
 
 def run_study(a) -> dict:
     sim = SimConfig(speedup=float("inf"))
-    slos = {}
-    for item in a.slos:
-        ttft, _, tpot = item.partition(":")
-        slos[f"TTFT {float(ttft):g} / TPOT {float(tpot):g}"] = {"ttft": float(ttft), "tpot": float(tpot)}
+    slos = {f"TTFT {ttft:g} / TPOT {tpot:g}": {"ttft": ttft, "tpot": tpot} for ttft, tpot in a.slos}
     jobs = []
-    for w in a.workloads:
-        i, _, o = w.partition("/")
-        wl = {"input_len": int(i), "output_len": int(o), "range_ratio": a.range_ratio, "seed": a.seed,
+    for i, o in a.workloads:
+        wl = {"input_len": i, "output_len": o, "range_ratio": a.range_ratio, "seed": a.seed,
               "max_n": a.max_requests}
-        wl["duration_s"] = max(a.duration, a.lifetimes * lifetime_s(sim, Workload(**wl)))
+        span = a.lifetimes * lifetime_s(sim, Workload(**wl))
+        wl["duration_s"] = max(a.duration, span)
         start = start_rate(sim, Workload(**wl), a.engines)
         for f in fleets(a.engines):
             jobs.append({"sim": sim.model_dump(), "workload": wl, "fleet": f, "slos": slos, "start": start,
-                         "target": a.target, "step": a.rate_step, "transfer_ms": a.transfer_ms})
+                         "target": a.target, "step": a.rate_step, "transfer_ms": a.transfer_ms,
+                         "min_span_s": span})
     t0 = time.time()
     with ProcessPoolExecutor(a.jobs) as pool:
         rows = list(pool.map(_search, jobs))
     cells = []
-    for w in a.workloads:
-        i, o = (int(x) for x in w.split("/"))
+    for i, o in a.workloads:
+        w = f"{i}/{o}"
         mine = [r for r in rows if (r["workload"]["input_len"], r["workload"]["output_len"]) == (i, o)]
         for name in slos:
             agg = max((r for r in mine if "workers" in r["fleet"]), key=lambda r: r["goodput_rate"][name])
@@ -98,6 +101,7 @@ def run_study(a) -> dict:
             cells.append({"workload": w, "slo": name, "best_agg": agg["name"], "agg_rate": ga,
                           "best_disagg": dis["name"], "disagg_rate": gd,
                           "ratio": (gd / ga) if ga else (math.inf if gd else None),
+                          "capped": [r["name"] for r in (agg, dis) if name in r["capped"]],
                           "per_split": {r["name"]: r["goodput_rate"][name] for r in mine}})
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": time.time() - t0,
             "virtual_time": True, "engines": a.engines, "target_attainment": a.target,
@@ -116,8 +120,16 @@ def markdown(study: dict) -> str:
     for c in study["cells"]:
         r = c["ratio"]
         ratio = "-" if r is None else ("inf" if math.isinf(r) else f"{r:.2f}x")
-        lines.append(f"| {c['workload']} | {c['slo']} | {c['best_agg'].replace(f'{n}x agg ', '')} | {c['agg_rate']:.2f} "
-                     f"| {c['best_disagg']} | {c['disagg_rate']:.2f} | {ratio} |")
+        capped = c.get("capped", [])
+        agg = f"{c['agg_rate']:.2f}" + ("+" if c["best_agg"] in capped else "")
+        dis = f"{c['disagg_rate']:.2f}" + ("+" if c["best_disagg"] in capped else "")
+        ratio += "?" if capped else ""
+        lines.append(f"| {c['workload']} | {c['slo']} | {c['best_agg'].replace(f'{n}x agg ', '')} | {agg} "
+                     f"| {c['best_disagg']} | {dis} | {ratio} |")
+    if any(c.get("capped") for c in study["cells"]):
+        lines += ["", "+: at least this rate. Above it --max-requests requests would arrive within fewer than "
+                      "--lifetimes request lifetimes, so the search stopped; raise --max-requests to measure further "
+                      "(?: the ratio is uncertain)."]
     return "\n".join(lines)
 
 
@@ -175,23 +187,45 @@ def cmd_fleet(a) -> int:
     return 0
 
 
+def _fleet_size(text: str) -> int:
+    n = positive_int(text)
+    if n < 3:       # the smallest P:D split, 1P:2D
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 3")
+    return n
+
+
+def _range_ratio(text: str) -> float:
+    x = non_negative_float(text)
+    if x >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be below 1")
+    return x
+
+
+def _rate_step(text: str) -> float:
+    x = positive_float(text)
+    if x <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be above 1")
+    return x
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workloads", nargs="+", default=["512/64", "2048/128", "4096/256", "256/1024"],
+    p.add_argument("--workloads", nargs="+", type=pair(int, "/", "IN/OUT"),
+                   default=[(512, 64), (2048, 128), (4096, 256), (256, 1024)],
                    metavar="IN/OUT", help="input/output lengths in tokens")
-    p.add_argument("--engines", type=int, default=8, help="engines per fleet (aggregated, and P+D)")
-    p.add_argument("--slos", nargs="+", default=["200:25", "1000:25", "400:50", "1000:100"],
-                   metavar="TTFT:TPOT", help="SLO pairs in ms")
-    p.add_argument("--target", type=float, default=0.9, help="share of requests that must meet the SLOs")
-    p.add_argument("--duration", type=float, default=20.0, help="virtual seconds of arrivals per run, at least")
-    p.add_argument("--lifetimes", type=float, default=3.0,
+    p.add_argument("--engines", type=_fleet_size, default=8, help="engines per fleet (aggregated, and P+D; at least 3)")
+    p.add_argument("--slos", nargs="+", type=pair(float, ":", "TTFT:TPOT"),
+                   default=[(200, 25), (1000, 25), (400, 50), (1000, 100)], metavar="TTFT:TPOT", help="SLO pairs in ms")
+    p.add_argument("--target", type=share, default=0.9, help="share of requests that must meet the SLOs")
+    p.add_argument("--duration", type=positive_float, default=20.0, help="virtual seconds of arrivals per run, at least")
+    p.add_argument("--lifetimes", type=non_negative_float, default=3.0,
                    help="... and at least this many request lifetimes (output_len decode steps at full KV)")
-    p.add_argument("--max-requests", type=int, default=6000, help="cap on requests per run")
-    p.add_argument("--range-ratio", type=float, default=0.0)
-    p.add_argument("--rate-step", type=float, default=2 ** 0.25, help="rate grid ratio (resolution)")
-    p.add_argument("--transfer-ms", type=float, help="KV transfer cost per block "
+    p.add_argument("--max-requests", type=positive_int, default=6000, help="cap on requests per run")
+    p.add_argument("--range-ratio", type=_range_ratio, default=0.0, help="lengths uniform within +-this share")
+    p.add_argument("--rate-step", type=_rate_step, default=2 ** 0.25, help="rate grid ratio (resolution), above 1")
+    p.add_argument("--transfer-ms", type=non_negative_float, help="KV transfer cost per block "
                    f"(default: SimEngine.remote_block_transfer_ms = {SimEngine.remote_block_transfer_ms})")
-    p.add_argument("--jobs", type=int, default=2, help="processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=positive_int, default=2, help="processes")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/fleet-study"))
 
 

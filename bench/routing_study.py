@@ -25,6 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
+from slurmserve.bench.argtypes import non_negative_float, non_negative_int, positive_int
 from slurmserve.bench.datasets import build
 from slurmserve.bench.fleet_sim import POLICIES, Fleet
 from slurmserve.bench.loadgen import Result, summarize
@@ -147,7 +148,23 @@ def markdown(study: dict) -> str:
     return "\n".join(lines)
 
 
+def check(a) -> str | None:
+    """What makes these arguments unusable, if anything (before minutes of simulation)."""
+    if a.prefix_len < a.block_size:
+        return f"--prefix-len {a.prefix_len} is shorter than a block ({a.block_size} tokens): no prefix could be cached"
+    need = a.prefix_len + a.suffix_len + a.output_len
+    if need > a.max_model_len:
+        return f"a request needs {need} tokens (prefix + suffix + output), over --max-model-len {a.max_model_len}"
+    if a.num_kv_blocks * a.block_size < a.max_model_len:
+        return (f"--num-kv-blocks {a.num_kv_blocks} of {a.block_size} tokens hold fewer than "
+                f"--max-model-len {a.max_model_len} tokens")
+    return None
+
+
 def cmd_routing(a) -> int:
+    problem = check(a)
+    if problem:
+        raise SystemExit(f"slurmserve bench routing: {problem}")
     study = run_study(a)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(study, indent=1))
@@ -160,22 +177,22 @@ def cmd_routing(a) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # defaults: the KV-routing issue's workload (and bench/scenarios/routing-policies.yaml's)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--num-kv-blocks", type=int, default=512)
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--prefixes", type=int, default=32)
-    p.add_argument("--prefix-len", type=int, default=1792)
-    p.add_argument("--suffix-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--requests", type=int, default=400)
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--prefill-load-scale", type=float, default=KVRoutingConfig().prefill_load_scale,
+    p.add_argument("--workers", type=positive_int, default=4)
+    p.add_argument("--num-kv-blocks", type=positive_int, default=512)
+    p.add_argument("--block-size", type=positive_int, default=64)
+    p.add_argument("--prefixes", type=positive_int, default=32)
+    p.add_argument("--prefix-len", type=positive_int, default=1792, help="at least a block")
+    p.add_argument("--suffix-len", type=non_negative_int, default=256)
+    p.add_argument("--output-len", type=positive_int, default=64)
+    p.add_argument("--requests", type=positive_int, default=400)
+    p.add_argument("--concurrency", type=positive_int, default=16)
+    p.add_argument("--max-model-len", type=positive_int, default=4096)
+    p.add_argument("--prefill-load-scale", type=non_negative_float, default=KVRoutingConfig().prefill_load_scale,
                    help="kv's weight of prefill work (default: the router's)")
-    p.add_argument("--scales", type=float, nargs="*", default=[1, 2, 3, 4, 5, 6, 8],
+    p.add_argument("--scales", type=non_negative_float, nargs="*", default=[1, 2, 3, 4, 5, 6, 8],
                    help="prefill_load_scale values to sweep")
-    p.add_argument("--seeds", type=int, default=12, help="runs per figure, each with its own dataset seed")
-    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--seeds", type=positive_int, default=12, help="runs per figure, each with its own dataset seed")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="the first seed")
     p.add_argument("--out", type=Path, default=Path("runs/routing-study"))
 
 

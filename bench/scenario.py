@@ -15,7 +15,9 @@ A scenario file:
     repeats: 3                                 # medians over repeats are reported
     goodput: {ttft: 500, tpot: 50}             # optional SLOs in ms
 
-Each deployment is started once, on this machine, and measured for every workload and load.
+Each deployment is started once, on this machine, and measured for every workload and load. The
+file, every deployment's resolved config and every workload are checked before the first one
+starts: a mistake is reported with its key path and costs no run.
 """
 
 from __future__ import annotations
@@ -25,15 +27,81 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any, Literal
 
-import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from slurmserve.bench import datasets
+from slurmserve.bench.argtypes import positive_int
 from slurmserve.bench.cli import load_tokenizer
 from slurmserve.bench.loadgen import run_load, summarize
 from slurmserve.bench.procstat import CpuSampler
-from slurmserve.config import apply_overrides
+from slurmserve.config import ConfigError, DeploymentConfig, apply_overrides, format_errors, read_yaml_mapping
 from slurmserve.launcher.local_deployment import LocalDeployment
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkloadSpec(_Strict):
+    """bench/datasets.build's options; those left out keep build's defaults."""
+    dataset: Literal["random", "prefix-repetition", "multi-turn", "sharegpt", "mooncake"] = "random"
+    num_prompts: PositiveInt = 200
+    input_len: PositiveInt | None = None
+    output_len: PositiveInt | None = None
+    range_ratio: float | None = Field(None, ge=0, lt=1)
+    num_prefixes: PositiveInt | None = None
+    prefix_len: int | None = Field(None, ge=0)
+    suffix_len: int | None = Field(None, ge=0)
+    turns: PositiveInt | None = None
+    vocab: PositiveInt | None = None
+    dataset_path: Path | None = None
+    block_tokens: PositiveInt | None = None
+
+
+class LoadSpec(_Strict):
+    """bench/loadgen.run_load's load: a closed loop of `concurrency` users, or arrivals at `rate`."""
+    concurrency: PositiveInt | None = None
+    rate: PositiveFloat | None = None
+    burstiness: PositiveFloat = 1.0
+    duration_s: PositiveFloat | None = None
+
+
+class ScenarioFile(_Strict):
+    name: str | None = None
+    base: str                                        # deployment config, relative to the scenario file
+    set: dict[str, Any] = {}
+    deployments: dict[str, dict[str, Any] | None] = Field(min_length=1)
+    workloads: dict[str, WorkloadSpec] = Field(min_length=1)
+    loads: list[LoadSpec] = Field([LoadSpec(concurrency=8)], min_length=1)
+    repeats: PositiveInt = 1
+    goodput: dict[Literal["ttft", "tpot", "e2e"], PositiveFloat] | None = None
+
+
+def load_scenario(path: Path) -> tuple[ScenarioFile, dict[str, dict]]:
+    """The checked scenario and each deployment's config, or a ConfigError naming every mistake."""
+    try:
+        scenario = ScenarioFile.model_validate(read_yaml_mapping(path, str(path)))
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, str(path))) from None
+    base_dir = Path(path).resolve().parent
+    configs = {name: _deployment_config(scenario, base_dir, overrides)
+               for name, overrides in scenario.deployments.items()}
+    problems = []
+    for name, cfg in configs.items():
+        try:
+            DeploymentConfig.model_validate(cfg)
+        except ValidationError as e:
+            problems.append(format_errors(e, f"{path}: deployments.{name} (on {scenario.base})"))
+    for name, wl in scenario.workloads.items():
+        try:     # the same call as the runs make, for one prompt, so a missing file shows up now
+            datasets.build(wl.dataset, 1, **wl.model_dump(exclude={"dataset", "num_prompts"}, exclude_none=True))
+        except (ValueError, OSError) as e:
+            problems.append(f"{path}: workloads.{name}: {e}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return scenario, configs
 
 HEADLINE = ("ttft_ms.p50", "ttft_ms.p99", "tpot_ms.p50", "e2e_ms.p99", "request_throughput",
             "output_throughput", "chunks_per_request", "cached_fraction", "goodput",
@@ -48,42 +116,42 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def _deployment_config(scenario: dict, base_dir: Path, overrides: dict) -> dict:
-    cfg = yaml.safe_load((base_dir / scenario["base"]).read_text())
-    model_path = Path(cfg["model"]["path"]).expanduser()
-    cfg["model"]["path"] = str(model_path if model_path.is_absolute() else (base_dir / scenario["base"]).parent / model_path)
-    items = {**scenario.get("set", {}), **(overrides or {})}
+def _deployment_config(scenario: ScenarioFile, base_dir: Path, overrides: dict | None) -> dict:
+    base = base_dir / scenario.base
+    cfg = read_yaml_mapping(base, f"base {scenario.base}")
+    path = (cfg.get("model") or {}).get("path") if isinstance(cfg.get("model"), dict) else None
+    if path is not None:      # (without one, validation below says what is missing)
+        model_path = Path(str(path)).expanduser()
+        cfg["model"]["path"] = str(model_path if model_path.is_absolute() else base.parent / model_path)
+    items = {**scenario.set, **(overrides or {})}
     apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in items.items()])
     cfg.setdefault("router", {})["port"] = 0
     return cfg
 
 
 def run_scenario(path: Path, out_dir: Path, repeats: int | None = None) -> dict:
-    scenario = yaml.safe_load(Path(path).read_text())
-    base_dir = Path(path).resolve().parent
-    repeats = repeats or scenario.get("repeats", 1)
+    scenario, configs = load_scenario(path)
+    repeats = repeats or scenario.repeats
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for dep_name, overrides in scenario["deployments"].items():
-        cfg = _deployment_config(scenario, base_dir, overrides)
+    for dep_name, cfg in configs.items():
         with LocalDeployment(out_dir / "deployments", cfg, name=dep_name) as dep:
             key, info = dep.api_key, dep.info
             tokenizer = load_tokenizer(cfg["model"]["path"])
             roots = {"head": info["pid"], **{f"{i['role']}{i['index']}": i["pid"] for i in info["instances"]}}
-            for wl_name, wl in scenario["workloads"].items():
-                wl = dict(wl)
-                n = wl.pop("num_prompts", 200)
-                for load in scenario.get("loads", [{"concurrency": 8}]):
+            for wl_name, spec in scenario.workloads.items():
+                wl = spec.model_dump(exclude={"dataset", "num_prompts"}, exclude_none=True)
+                for load_spec in scenario.loads:
+                    load = load_spec.model_dump(exclude_unset=True)   # as written: it labels the rows
                     runs = []
                     for rep in range(repeats):
-                        specs = datasets.build(wl.get("dataset", "random"), n, seed=rep, tokenizer=tokenizer,
-                                               **{k: v for k, v in wl.items() if k != "dataset"})
+                        specs = datasets.build(spec.dataset, spec.num_prompts, seed=rep, tokenizer=tokenizer, **wl)
                         sampler = CpuSampler(roots)
                         sampler.start()
                         results, wall = asyncio.run(run_load(info["url"], key, info["model"], specs,
                                                              seed=rep, **load))
                         cpu = sampler.stop()
-                        s = summarize(results, wall, scenario.get("goodput"))
+                        s = summarize(results, wall, scenario.goodput)
                         s["cpu_ms_per_request"] = {k: v * 1000 / max(1, s["completed"]) for k, v in cpu.items()}
                         s["samples_ms"] = latency_samples(results)   # for the CDF plots
                         runs.append(s)
@@ -93,7 +161,7 @@ def run_scenario(path: Path, out_dir: Path, repeats: int | None = None) -> dict:
                     print(f"{dep_name} / {wl_name} / {load}: " +
                           ", ".join(f"{m}={_fmt(v)}" for m, v in row["median"].items() if v is not None),
                           flush=True)
-    report = {"scenario": scenario.get("name", Path(path).stem), "file": str(path), "repeats": repeats,
+    report = {"scenario": scenario.name or Path(path).stem, "file": str(path), "repeats": repeats,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(report, indent=2))
     (out_dir / "summary.md").write_text(markdown_table(report))
@@ -201,6 +269,6 @@ def register(bsub) -> None:
     p = bsub.add_parser("scenario", help="run a scenario matrix and write a report directory")
     p.add_argument("file", type=Path)
     p.add_argument("-o", "--out", type=Path, help="report directory (default: runs/bench/<scenario>)")
-    p.add_argument("--repeats", type=int)
+    p.add_argument("--repeats", type=positive_int)
     p.set_defaults(func=lambda a: run_scenario(a.file, a.out or Path("runs/bench") / a.file.stem,
                                                a.repeats) and 0)

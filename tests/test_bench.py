@@ -287,3 +287,28 @@ def test_scenario_writes_report_directory(tiny_model_dir, tmp_path):
     assert len(run0["samples_ms"]["ttft"]) == 6
     pngs = sorted(x.name for x in out.glob("*.png"))   # matplotlib is in the test extra
     assert pngs == ["latency_cdf.png", "vs_load.png"] and all((out / x).stat().st_size > 1000 for x in pngs)
+
+
+def test_scenario_mistakes_are_reported_with_key_paths_before_any_run(tiny_model_dir, tmp_path):
+    """Every mistake in a scenario file (its own keys, a deployment's resolved config, a workload's
+    data file) is named by its key path, at once, and no deployment is started."""
+    base = tmp_path / "dep.yaml"
+    base.write_text(yaml.safe_dump(config(tiny_model_dir)))
+    scenario = tmp_path / "bad.yaml"
+    scenario.write_text(yaml.safe_dump({
+        "base": "dep.yaml", "deployments": {"ok": {}, "typo": {"router.policy": "kv-aware"}},
+        "workloads": {"chat": {"dataset": "sharegpt", "dataset_path": str(tmp_path / "missing.json")}}}))
+    out = tmp_path / "report"
+    p = subprocess.run([sys.executable, "-m", "slurmserve", "bench", "scenario", str(scenario), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "deployments.typo" in p.stderr and "router.policy: Input should be" in p.stderr
+    assert "workloads.chat" in p.stderr and "missing.json" in p.stderr
+    assert not out.exists()                  # nothing ran
+    scenario.write_text(yaml.safe_dump({"base": "dep.yaml", "deployments": {"a": {}}, "workloads": {
+        "w": {"input_len": 0, "num_prompt": 5}}, "loads": [{"concurrency": 0}], "repeats": 0}))
+    p = subprocess.run([sys.executable, "-m", "slurmserve", "bench", "scenario", str(scenario), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "4 error(s)" in p.stderr, p.stderr
+    for path in ("workloads.w.input_len", "workloads.w.num_prompt: Extra inputs", "loads.0.concurrency", "repeats"):
+        assert f"  {path}" in p.stderr

@@ -67,6 +67,21 @@ def test_goodput_search_is_monotone_in_the_slo():
     assert search.max_rate({"ttft": 400, "tpot": 60}) == loose and len(search.cache) == n   # all cached
 
 
+def test_goodput_search_does_not_measure_above_its_ceiling():
+    """Rates where a capped request count would be a burst count as missed, and the result says so."""
+    from slurmserve.bench.loadgen import Result
+    seen = []
+
+    def run_at(rate):                       # a fleet that meets any SLO at any rate
+        seen.append(rate)
+        return [Result(ok=True, ttft=0.001, e2e=0.002, output_tokens=2)]
+    search = GoodputSearch(run_at, start=10.0, ceiling=35.0)
+    rate = search.max_rate({"ttft": 100})
+    assert 10.0 * 2 ** 1.75 == pytest.approx(rate) and rate <= 35.0 < rate * search.step
+    assert search.capped(rate) and not search.capped(rate / search.step) and not search.capped(0.0)
+    assert max(seen) <= 35.0                # nothing above the ceiling was simulated
+
+
 def shared_prefix_run(policy: str, n: int = 96, concurrency: int = 8):
     """6 shared prefixes of 8 blocks, each request one of them + 1 unique block, in a closed loop on
     2 engines of 40 blocks: one engine cannot cache all 6 prefixes, two can."""
@@ -122,3 +137,41 @@ def test_bench_routing_cli_writes_the_study(tmp_path):
     assert "oracle_vs_round_robin" in study
     assert [row["prefill_load_scale"] for row in study["scale_sweep"]] == [1, 4]
     assert "| kv |" in p.stdout and (out / "summary.md").read_text().strip() in p.stdout
+
+
+def test_bench_fleet_cli_marks_rates_it_could_not_measure(tmp_path):
+    """A tiny `bench fleet`: with few requests allowed, the search stops where they would arrive as a
+    burst and says "at least"; bad arguments are one-line usage errors."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "fleet"
+    cmd = [sys.executable, "-m", "slurmserve", "bench", "fleet"]
+    p = subprocess.run(cmd + ["--workloads", "256/16", "--engines", "3", "--slos", "500:50", "--duration", "2",
+                              "--lifetimes", "1", "--max-requests", "200", "--jobs", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    study = json.loads((out / "results.json").read_text())
+    [cell] = study["cells"]
+    assert cell["workload"] == "256/16" and cell["slo"] == "TTFT 500 / TPOT 50"
+    assert {r["name"] for r in study["rows"]} == {"3x agg least_loaded", "3x agg round_robin", "1P:2D"}
+    assert cell["capped"] and "+: at least this rate" in p.stdout
+    from slurmserve.bench.fleet_study import lifetime_s
+    ceiling = 200 / lifetime_s(SIM, Workload(256, 16))     # 200 requests within 1 lifetime
+    for row in study["rows"]:               # no rate above it was simulated
+        assert row["curve"] and all(pt["rate"] <= ceiling for pt in row["curve"])
+    for bad, msg in ((["--engines", "2"], "must be at least 3"), (["--workloads", "512"], "expected IN/OUT"),
+                     (["--slos", "200:x"], "expected TTFT:TPOT"), (["--target", "0"], "above 0 and at most 1")):
+        p = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_bench_routing_refuses_unusable_arguments():
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "slurmserve", "bench", "routing"]
+    for bad, code, msg in ((["--workers", "0"], 2, "must be at least 1"),
+                           (["--prefix-len", "10"], 1, "shorter than a block"),
+                           (["--prefix-len", "4000"], 1, "over --max-model-len 4096")):
+        p = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=60)
+        assert p.returncode == code and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
