@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from slurmserve.bench import datasets
-from slurmserve.bench.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
+from slurmserve.launcher.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from slurmserve.bench.loadgen import run_load, summarize
 from slurmserve.bench.procstat import CpuSampler
 

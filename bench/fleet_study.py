@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from slurmserve.bench.argtypes import non_negative_float, non_negative_int, pair, positive_float, positive_int, share
+from slurmserve.launcher.argtypes import non_negative_float, non_negative_int, pair, positive_float, positive_int, share
 from slurmserve.bench.fleet_sim import GoodputSearch, Workload, attainment, simulate, step_decode_ms, step_prefill_ms
 from slurmserve.config import SimConfig
 from slurmserve.runtime.sim_engine import SimEngine

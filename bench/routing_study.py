@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from slurmserve.bench.argtypes import non_negative_float, non_negative_int, positive_int
+from slurmserve.launcher.argtypes import non_negative_float, non_negative_int, positive_int
 from slurmserve.bench.datasets import build
 from slurmserve.bench.fleet_sim import POLICIES, Fleet
 from slurmserve.bench.loadgen import Result, summarize

@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from slurmserve.bench import datasets
-from slurmserve.bench.argtypes import positive_int
+from slurmserve.launcher.argtypes import positive_int
 from slurmserve.bench.cli import load_tokenizer
 from slurmserve.bench.loadgen import run_load, summarize
 from slurmserve.bench.procstat import CpuSampler

@@ -275,9 +275,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = make_tiny_model(args.dir, hidden=args.hidden, layers=args.layers, vocab=args.vocab,
-                              seed=args.seed, max_position_embeddings=args.max_position_embeddings,
-                              tokenizer=args.tokenizer, force=args.force)
+    try:
+        summary = make_tiny_model(args.dir, hidden=args.hidden, layers=args.layers, vocab=args.vocab,
+                                  seed=args.seed, max_position_embeddings=args.max_position_embeddings,
+                                  tokenizer=args.tokenizer, force=args.force)
+    except OSError as e:
+        raise SystemExit(f"slurmserve model make-tiny: cannot write {args.dir}: {e.strerror or e}") from None
+    except ValueError as e:      # an argument out of range: make_tiny_model says which
+        raise SystemExit(f"slurmserve model make-tiny: {e}") from None
     print(json.dumps(summary))
     return 0
 

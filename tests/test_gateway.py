@@ -412,3 +412,9 @@ def test_job_cancelled_mid_stream(gw):
     assert f"job {job_b}" in e.value.body["message"]
     status, text = gw.get("/metrics", gw.key)
     assert metric_value(text.decode(), "slurmserve_gateway:job_ready", job=job_b) == 0
+
+
+def test_gateway_refuses_a_port_out_of_range():
+    p = subprocess.run([sys.executable, "-m", "slurmserve", "gateway", "--port", "70000"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "must be a port, 0 to 65535" in p.stderr and "Traceback" not in p.stderr

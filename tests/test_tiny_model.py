@@ -137,3 +137,15 @@ def test_transformers_loads_and_generates_greedily(tiny_model_dir):
     assert torch.equal(default, greedy)
     new = greedy[0, ids.shape[1]:].tolist()
     assert not set(new) & {0, 1, 3, 4}                               # no <unk>/<|pad|>/... output
+
+
+def test_cli_mistakes_are_one_line(tmp_path):
+    """An argument out of range, or a directory that cannot be made, is one line, not a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for args, msg in ((["--hidden", "12"], "hidden must be a positive multiple of 8"),
+                      ([], "cannot write")):
+        target = str(tmp_path / "m") if args else str(blocker / "m")     # a directory inside a file
+        p = subprocess.run([sys.executable, "-m", "slurmserve", "model", "make-tiny", target, *args],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -1,4 +1,4 @@
-"""argparse types for the bench commands: a bad value is a one-line usage error, not a traceback."""
+"""argparse types for the command line: a bad value is a one-line usage error, not a traceback."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def positive_float(text: str) -> float:
 
 def non_negative_float(text: str) -> float:
     return _number(float, text, "0 or more", lambda x: x >= 0)
+
+
+def port(text: str) -> int:
+    """A TCP port; 0 lets the system pick a free one."""
+    return _number(int, text, "a port, 0 to 65535", lambda x: 0 <= x <= 65535)
 
 
 def share(text: str) -> float:
