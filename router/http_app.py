@@ -208,6 +208,7 @@ class _Answer:
         self.n_out = 0
         self.n_cached = 0
         self.first = True
+        self.t_first = 0.0
         self.text = TextStream(app.tok, stops, prompt_ids=prompt)
         self.done = asyncio.get_running_loop().create_future()
 
@@ -218,7 +219,8 @@ class _Answer:
             if self.first:
                 self.first = False
                 self.n_cached = delta.num_cached_tokens
-                self.app.metrics.requests.ttft.observe(time.perf_counter() - self.start)
+                self.t_first = time.perf_counter()
+                self.app.metrics.requests.ttft.observe(self.t_first - self.start)
             self.n_out += len(delta.token_ids)
             self._feed(delta)
         except Exception as e:   # a bug: fail this request, not the fan-out
@@ -228,7 +230,10 @@ class _Answer:
         raise NotImplementedError
 
     def _finished(self, finish: str) -> None:
-        self.app.metrics.requests.count(finish, self.n_prompt, self.n_cached, self.n_out)
+        requests = self.app.metrics.requests
+        requests.count(finish, self.n_prompt, self.n_cached, self.n_out)
+        if self.n_out > 1:
+            requests.tpot.observe((time.perf_counter() - self.t_first) / (self.n_out - 1))
         self.done.set_result(None)
 
     def client_left(self) -> None:

@@ -13,6 +13,8 @@ disable_created_metrics()   # no `_created` series: scrapers don't need them and
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                     30.0, 60.0, 120.0, 300.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                 0.3, 0.5, 1.0, 2.5)
 
 
 # Load field (runtime/protocol.py) -> its per-instance gauge: name, help.
@@ -63,6 +65,9 @@ class RequestMetrics(Collector):
         self.running = 0
         self.ttft = LatencyHistogram("slurmserve:time_to_first_token_seconds", "Time to first token")
         self.e2e = LatencyHistogram("slurmserve:e2e_request_latency_seconds", "End-to-end latency")
+        # vLLM's per-request TPOT: (last token - first token) / (output tokens - 1), for answers of 2+ tokens
+        self.tpot = LatencyHistogram("slurmserve:request_time_per_output_token_seconds",
+                                     "Time per output token after the first, per request", _TPOT_BUCKETS)
 
     def count(self, finish: str, prompt: int = 0, cached: int = 0, generated: int = 0) -> None:
         self.finished[finish] += 1
@@ -85,6 +90,7 @@ class RequestMetrics(Collector):
                                 value=self.running)
         yield self.ttft.family()
         yield self.e2e.family()
+        yield self.tpot.family()
 
 
 class KVEventCounts(Collector):

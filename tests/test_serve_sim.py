@@ -276,11 +276,24 @@ def test_strangers_cannot_join_the_control_plane_or_read_kv_events(agg, curve):
 
 
 def test_metrics(agg):
+    before = agg.metrics()
+    prompt = "the quick brown fox jumps over the lazy dog " * 4      # fills KV blocks of 16 tokens
+    chunks = list(agg.client().completions.create(model=MODEL, prompt=prompt, max_tokens=8,
+                                                  extra_body={"ignore_eos": True}, stream=True))
+    assert sum(len(c.choices[0].text) > 0 for c in chunks if c.choices) > 1
     m = agg.metrics()
-    assert metric(m, "slurmserve:requests_total") > 0
+    grew = lambda name, **labels: metric(m, name, **labels) - metric(before, name, **labels)  # noqa: E731
+    assert grew("slurmserve:requests_total", finish_reason="length") == 1
+    assert grew("slurmserve:generation_tokens_total") == 8
     assert metric(m, "slurmserve:instance_up") == 4
-    assert "slurmserve:time_to_first_token_seconds_bucket" in m
-    # every engine's KV events reach the head (earlier tests filled full blocks on every worker)
+    for h in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
+              "request_time_per_output_token_seconds"):
+        assert grew(f"slurmserve:{h}_count") == 1, h
+        assert grew(f"slurmserve:{h}_bucket", le="+Inf") == 1, h
+    # at speedup 1 a sim step takes milliseconds: the 7 tokens after the first took some
+    tpot = grew("slurmserve:request_time_per_output_token_seconds_sum")
+    assert 0.001 < tpot < grew("slurmserve:e2e_request_latency_seconds_sum")
+    # the engines' KV events reach the head (this request's prompt filled blocks, published at its prefill)
     assert metric(m, "slurmserve:kv_events_total", type="BlockStored") > 0
     assert metric(m, "slurmserve:kv_event_gaps_total") == 0
 
