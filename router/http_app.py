@@ -121,6 +121,7 @@ class HeadApp:
                            param="model", code="model_not_found")
         oa.check_supported(req)
         stops = oa.stop_strings(req)
+        echo = ""                # completions with `echo`: the prompt's text, answered first
         if chat:
             try:
                 prompt = self.tok.apply_chat_template(req.messages, **(req.chat_template_kwargs or {}))
@@ -129,11 +130,13 @@ class HeadApp:
         else:
             p = oa.completion_prompt(req, self.tok.vocab_size)
             prompt = self.tok.encode(p) if isinstance(p, str) else p
+            if req.echo:
+                echo = p if isinstance(p, str) else self.tok.decode(prompt)
         if not prompt:
             raise APIError(400, "the prompt has no tokens", param="prompt")
         params = oa.sampling_params(req, len(prompt), self.max_model_len, self.tok.vocab_size,
                                     self.tok.eos_token_id, chat)
-        return req, prompt, params, stops
+        return req, prompt, params, stops, echo
 
     async def _generate(self, request: Request, response: Response, chat: bool) -> None:
         if self.draining:
@@ -142,7 +145,7 @@ class HeadApp:
         if self.inflight >= self.max_concurrent:
             raise APIError(429, "too many requests in flight", type_="rate_limit_error",
                            headers={"retry-after": "1"})
-        req, prompt, params, stops = self._prepare(request.body, chat)
+        req, prompt, params, stops, echo = self._prepare(request.body, chat)
         rid = oa.new_id(chat)
         session = request.header(self.session_header) if self.session_header is not None else None
         # A whole answer needs delivering only at the end, unless stop strings are watched as it
@@ -165,7 +168,7 @@ class HeadApp:
                 self.metrics.requests.count("abort")
                 return
             answer = (StreamedAnswer if req.stream else WholeAnswer)(self, response, req, rid, prompt,
-                                                                       stops, chat, start)
+                                                                       stops, chat, start, echo)
             response.on_disconnect = answer.client_left
             try:
                 stream.attach(answer.feed)
@@ -198,8 +201,9 @@ class _Answer:
     response is complete or the client has left."""
 
     def __init__(self, app: HeadApp, response: Response, req, rid: str, prompt: list[int],
-                 stops: list[str], chat: bool, start: float):
+                 stops: list[str], chat: bool, start: float, echo: str = ""):
         self.app = app
+        self.echo = echo
         self.response = response
         self.rid = rid
         self.chat = chat
@@ -265,7 +269,7 @@ class WholeAnswer(_Answer):
             self.parts.append(self.text.finish())
         else:
             return
-        body = oa.full_response(self.chat, self.rid, self.app.model_name, "".join(self.parts),
+        body = oa.full_response(self.chat, self.rid, self.app.model_name, self.echo + "".join(self.parts),
                                 _openai_finish(finish), oa.usage(self.n_prompt, self.n_out, self.n_cached))
         self.response.send(200, body, JSON)
         self._finished(finish)
@@ -285,6 +289,8 @@ class StreamedAnswer(_Answer):
             self.response.start(200, SSE)
             if self.chat:
                 events.append(out.role())
+            elif self.echo:
+                events.append(out.text(self.echo))
         piece, stopped = self.text.feed(delta.token_ids)
         finish = None
         if (failure := _engine_failure(delta)) is not None:

@@ -44,6 +44,10 @@ class _Common(Struct, kw_only=True, forbid_unknown_fields=False):
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Meta(ge=-1)] | None = None
     seed: int | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None     # vLLM's; 1 = off
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None           # vLLM's; 0 = off
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Meta(ge=0)] = 0
@@ -52,12 +56,17 @@ class _Common(Struct, kw_only=True, forbid_unknown_fields=False):
     stream_interval: Annotated[int, Meta(ge=1)] | None = None   # vLLM's: tokens per streamed chunk
     n: int = 1
     logprobs: Any = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
     user: str | None = None
 
 
 class CompletionRequest(_Common, kw_only=True):
     prompt: str | list[Any]
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
 
 
 class ChatRequest(_Common, kw_only=True):
@@ -89,6 +98,18 @@ def check_supported(req: _Common) -> None:
         raise APIError(400, "only n=1 is supported", param="n")
     if req.logprobs not in (None, False):
         raise APIError(400, "logprobs are not supported", param="logprobs")
+    # Accepted by the OpenAI API but not served here: refused, rather than silently ignored.
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise APIError(400, "response_format other than text (structured output) is not supported",
+                       param="response_format")
+    if req.tools:
+        raise APIError(400, "tools (function calling) are not supported", param="tools")
+    if getattr(req, "suffix", None):
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if (getattr(req, "best_of", None) or 1) != 1:
+        raise APIError(400, "only best_of=1 is supported", param="best_of")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if req.min_tokens and req.max_tokens is not None and req.min_tokens > req.max_tokens:
@@ -140,6 +161,10 @@ def sampling_params(req: _Common, prompt_len: int, max_model_len: int, vocab_siz
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=top_k,
         seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        min_p=req.min_p or 0.0,
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
         stop_token_ids=stop_ids,

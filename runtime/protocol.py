@@ -24,6 +24,10 @@ class SamplingParams(msgspec.Struct, gc=False, omit_defaults=True, forbid_unknow
     top_p: float = 1.0
     top_k: int = -1
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] = []

@@ -129,6 +129,10 @@ class _compat:
             temperature=p.temperature,
             top_p=p.top_p,
             top_k=p.top_k if p.top_k > 0 else 0,   # ours: -1 = off; vLLM 0.32: 0 = off (-1 still accepted)
+            min_p=p.min_p,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty,
             seed=p.seed,
             ignore_eos=p.ignore_eos,
             stop_token_ids=list(p.stop_token_ids) or None,

@@ -64,6 +64,48 @@ def test_completion_matches_stream(agg, tiny_model_dir):
     assert chunks[-1].usage.prompt_tokens == n_prompt
 
 
+def test_echo_returns_the_prompt_first(agg, tiny_model_dir):
+    """Completions with `echo`: the prompt's text, then the answer, streamed or not; a token-id
+    prompt echoes as its text."""
+    c = agg.client()
+    prompt = "the quick brown fox"
+    args = dict(model=MODEL, max_tokens=6, extra_body={"ignore_eos": True})
+    plain = c.completions.create(prompt=prompt, **args).choices[0].text
+    echoed = c.completions.create(prompt=prompt, echo=True, **args)
+    assert echoed.choices[0].text == prompt + plain and echoed.usage.completion_tokens == 6
+    chunks = [ch for ch in c.completions.create(prompt=prompt, echo=True, stream=True, **args) if ch.choices]
+    assert chunks[0].choices[0].text == prompt
+    assert "".join(ch.choices[0].text for ch in chunks) == prompt + plain
+    ids = Tokenizer(tiny_model_dir).encode(prompt)
+    assert c.completions.create(prompt=ids, echo=True, **args).choices[0].text.startswith(
+        Tokenizer(tiny_model_dir).decode(ids))
+
+
+def test_penalties_are_accepted_and_unsupported_options_refused(agg):
+    """vLLM's sampling options pass (the simulator's tokens do not depend on them); options this
+    head does not serve are a 400 naming the parameter, not silently dropped."""
+    c = agg.client()
+    r = c.completions.create(model=MODEL, prompt="hello", max_tokens=4, presence_penalty=1.0,
+                             frequency_penalty=-0.5, extra_body={"repetition_penalty": 1.2, "min_p": 0.05})
+    assert r.usage.completion_tokens >= 1
+    refused = [(dict(presence_penalty=2.5), "presence_penalty"), (dict(extra_body={"min_p": 1.5}), "min_p"),
+               (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
+               (dict(logit_bias={"5": 10}), "logit_bias"), (dict(suffix="end"), "suffix"),
+               (dict(best_of=2), "best_of")]
+    for kw, param in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=MODEL, prompt="hello", max_tokens=4, **kw)
+        assert e.value.body["param"] == param, (kw, e.value.body)
+    msgs = [{"role": "user", "content": "hi"}]
+    for kw, param in ((dict(response_format={"type": "json_object"}), "response_format"),
+                      (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, **kw)
+        assert e.value.body["param"] == param
+    ok = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, response_format={"type": "text"})
+    assert ok.choices[0].message.content is not None
+
+
 def test_stream_interval(agg):
     """vLLM's stream_interval: the first token at once, then a chunk per 8 tokens; same text."""
     c = agg.client()

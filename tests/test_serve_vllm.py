@@ -31,6 +31,8 @@ pytestmark = pytest.mark.vllm
 MODEL = "tiny-llama"
 # Token-id prompts of 40, 70 and 100 tokens (1, 2 and 3 full blocks), distinct from the first token on.
 TOKEN_PROMPTS = [[(7 * i + 13 * k) % 300 + 10 for i in range(n)] for k, n in ((1, 40), (2, 70), (3, 100))]
+# vLLM's penalties on the first prompt, greedy: served and offline must agree, and differ from plain greedy.
+PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 1.0, "repetition_penalty": 1.5}
 CHAT = [{"role": "system", "content": "you are a helpful assistant ."},
         {"role": "user", "content": "what is the capital of france ? tell me about its history too ."}]
 
@@ -79,7 +81,9 @@ def prompts(tok):
 
 @pytest.fixture(scope="module")
 def offline(cpu_env, tiny_model_dir, prompts):
-    off = Offline(tiny_model_dir, [ids for _, _, ids in prompts])
+    """The prompts greedy, then the first one greedy with PENALTIES."""
+    ids = [ids for _, _, ids in prompts]
+    off = Offline(tiny_model_dir, ids + ids[:1], sampling=[{} for _ in ids] + [PENALTIES])
     yield off
     off.kill()
 
@@ -178,10 +182,23 @@ def agg_answers(agg, prompts):
 # ---- aggregated ---------------------------------------------------------------------------------
 
 def test_aggregated_matches_offline_llm(offline, agg_answers, prompts, tok):
-    want = offline.result()
+    want = offline.result()[:len(prompts)]
     for (kind, _, ids), (text, n, finish), (want_ids, want_finish) in zip(prompts, agg_answers, want):
         assert want_ids, "the offline engine generated nothing"
         assert (text, n, finish) == (tok.decode(want_ids), len(want_ids), want_finish), kind
+
+
+def test_penalties_reach_vllm(agg, offline, prompts, tok):
+    """presence, frequency and repetition penalties are vLLM's own: the served answer equals vLLM's
+    offline one with the same penalties, which is not the plain greedy answer."""
+    kind, prompt, _ = prompts[0]
+    c = agg.client(timeout=60)
+    text, n, finish = ask(c, kind, prompt, presence_penalty=PENALTIES["presence_penalty"],
+                          frequency_penalty=PENALTIES["frequency_penalty"],
+                          extra_body={"repetition_penalty": PENALTIES["repetition_penalty"]})
+    greedy_ids, penalized = offline.result()[0], offline.result()[-1]
+    assert penalized[0] != greedy_ids[0], "the penalties must change vLLM's answer for this test to mean anything"
+    assert (text, n, finish) == (tok.decode(penalized[0]), len(penalized[0]), penalized[1])
 
 
 def test_aggregated_streaming_equals_non_streaming(agg, agg_answers, prompts):

@@ -25,10 +25,11 @@ _OFFLINE = textwrap.dedent("""
     from vllm.inputs import TokensPrompt
     if __name__ == "__main__":
         model, prompts, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-        max_len, args = int(sys.argv[4]), json.loads(sys.argv[5])
+        max_len, args, extra = int(sys.argv[4]), json.loads(sys.argv[5]), json.loads(sys.argv[6])
         llm = LLM(model=model, max_model_len=max_len, **args)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                            SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
+                            [SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw) for kw in extra],
+                            use_tqdm=False)
         print("RESULT " + json.dumps([[list(o.outputs[0].token_ids), o.outputs[0].finish_reason]
                                       for o in outs]))
 """)
@@ -47,14 +48,16 @@ def cpu_env():
 
 class Offline:
     """vLLM's offline greedy LLM.generate on token-id prompts, started at once in its own process;
-    `result()` waits for [[token_ids, finish_reason], ...]."""
+    `result()` waits for [[token_ids, finish_reason], ...]. `sampling` gives each prompt further
+    SamplingParams arguments (penalties, say)."""
 
     def __init__(self, model_dir, token_prompts, max_tokens: int = MAX_TOKENS,
-                 max_model_len: int = MAX_MODEL_LEN):
+                 max_model_len: int = MAX_MODEL_LEN, sampling: list[dict] | None = None):
         args = dict(ENGINE_ARGS, kv_cache_memory_bytes=256 << 20)   # LLM() takes bytes, not "256MiB"
+        sampling = sampling or [{} for _ in token_prompts]
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _OFFLINE, str(model_dir), json.dumps(token_prompts), str(max_tokens),
-             str(max_model_len), json.dumps(args)],
+             str(max_model_len), json.dumps(args), json.dumps(sampling)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **CPU_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
         self._result = None
