@@ -169,6 +169,9 @@ class HeadApp:
                 return
             answer = (StreamedAnswer if req.stream else WholeAnswer)(self, response, req, rid, prompt,
                                                                        stops, chat, start, echo)
+            if req.n > 1:
+                await self._more_choices(answer, stream, req, rid, prompt, params, stops, session, interval)
+                return
             response.on_disconnect = answer.client_left
             try:
                 stream.attach(answer.feed)
@@ -178,6 +181,36 @@ class HeadApp:
         finally:
             self.metrics.requests.running -= 1
             self.metrics.requests.e2e.observe(time.perf_counter() - start)
+
+    async def _more_choices(self, first: _Answer, stream, req, rid: str, prompt: list[int],
+                            params: P.SamplingParams, stops: list[str], session, interval: int) -> None:
+        """n > 1: each further choice is an engine request of its own, routed like the first (to
+        the instance that has just cached the prompt, under `kv`), with seed + i when a seed is
+        given (as vLLM's parallel sampling does). They share the response: `Choices` ends it."""
+        choices = Choices(first, req)
+        streams = [stream]
+        try:
+            for i in range(1, req.n):
+                p = params if params.seed is None else msgspec.structs.replace(params, seed=params.seed + i)
+                try:
+                    streams.append(await self.orch.start(f"{rid}-{i}", prompt, p, session, interval))
+                except NoInstanceError as e:
+                    raise APIError(503, str(e), type_="service_unavailable", headers={"retry-after": "1"}) from None
+                except asyncio.CancelledError:
+                    if not first.response.disconnected:
+                        raise
+                    asyncio.current_task().uncancel()
+                    self.metrics.requests.count("abort")
+                    return
+                choices.add(type(first)(self, first.response, req, rid, prompt, stops, first.chat,
+                                        first.start, first.echo))
+            first.response.on_disconnect = choices.client_left
+            for s, answer in zip(streams, choices.answers):
+                s.attach(answer.feed)
+            await asyncio.gather(*(a.done for a in choices.answers))
+        finally:
+            for s in streams:
+                self.orch.release(s)
 
 
 def _engine_failure(delta: P.Delta) -> str | None:
@@ -204,6 +237,8 @@ class _Answer:
                  stops: list[str], chat: bool, start: float, echo: str = ""):
         self.app = app
         self.echo = echo
+        self.index = 0                 # the choice's index, and the others', when n > 1
+        self.choices: Choices | None = None
         self.response = response
         self.rid = rid
         self.chat = chat
@@ -224,7 +259,8 @@ class _Answer:
                 self.first = False
                 self.n_cached = delta.num_cached_tokens
                 self.t_first = time.perf_counter()
-                self.app.metrics.requests.ttft.observe(self.t_first - self.start)
+                if self.choices is None or self.choices.first_token():
+                    self.app.metrics.requests.ttft.observe(self.t_first - self.start)
             self.n_out += len(delta.token_ids)
             self._feed(delta)
         except Exception as e:   # a bug: fail this request, not the fan-out
@@ -233,9 +269,13 @@ class _Answer:
     def _feed(self, delta: P.Delta) -> None:
         raise NotImplementedError
 
+    def set_index(self, index: int) -> None:
+        self.index = index
+
     def _finished(self, finish: str) -> None:
         requests = self.app.metrics.requests
-        requests.count(finish, self.n_prompt, self.n_cached, self.n_out)
+        first = self.index == 0          # one request's prompt counts once, whatever its n
+        requests.count(finish, self.n_prompt if first else 0, self.n_cached if first else 0, self.n_out)
         if self.n_out > 1:
             requests.tpot.observe((time.perf_counter() - self.t_first) / (self.n_out - 1))
         self.done.set_result(None)
@@ -244,6 +284,49 @@ class _Answer:
         if not self.done.done():
             self.app.metrics.requests.count("abort")
             self.done.set_result(None)
+
+
+class Choices:
+    """The answers of one request with n > 1, in index order, sharing its response. The answer
+    that ends last sends the whole body, or ends the stream with the usage of all of them."""
+
+    def __init__(self, first: _Answer, req):
+        first.choices = self
+        self.answers = [first]
+        self.left = req.n
+        self._ttft_seen = False
+
+    def add(self, answer: _Answer) -> None:
+        answer.set_index(len(self.answers))
+        answer.choices = self
+        self.answers.append(answer)
+
+    def first_token(self) -> bool:
+        """True for the request's first token of any choice: its TTFT."""
+        seen, self._ttft_seen = self._ttft_seen, True
+        return not seen
+
+    def ended(self) -> bool:
+        """One more choice has its answer; True when it was the last."""
+        self.left -= 1
+        return self.left == 0
+
+    def completion_tokens(self) -> int:
+        return sum(a.n_out for a in self.answers)
+
+    def whole_body(self) -> bytes:
+        first = self.answers[0]
+        return oa.full_response(first.chat, first.rid, first.app.model_name, [a.result for a in self.answers],
+                                oa.usage(first.n_prompt, self.completion_tokens(), first.n_cached))
+
+    def abandon(self) -> None:
+        """One choice failed and answered the client with the error: the others stop."""
+        for a in self.answers:
+            a.client_left()
+
+    def client_left(self) -> None:
+        for a in self.answers:
+            a.client_left()
 
 
 class WholeAnswer(_Answer):
@@ -261,6 +344,8 @@ class WholeAnswer(_Answer):
             self.app.metrics.http_errors.labels(503).inc()
             self.response.send(503, err.body(), JSON)
             self.done.set_result(None)
+            if self.choices is not None:
+                self.choices.abandon()
             return
         if stopped:
             finish = "stop"
@@ -269,9 +354,13 @@ class WholeAnswer(_Answer):
             self.parts.append(self.text.finish())
         else:
             return
-        body = oa.full_response(self.chat, self.rid, self.app.model_name, self.echo + "".join(self.parts),
-                                _openai_finish(finish), oa.usage(self.n_prompt, self.n_out, self.n_cached))
-        self.response.send(200, body, JSON)
+        self.result = (self.echo + "".join(self.parts), _openai_finish(finish))
+        if self.choices is None:
+            body = oa.full_response(self.chat, self.rid, self.app.model_name, [self.result],
+                                    oa.usage(self.n_prompt, self.n_out, self.n_cached))
+            self.response.send(200, body, JSON)
+        elif self.choices.ended():
+            self.response.send(200, self.choices.whole_body(), JSON)
         self._finished(finish)
 
 
@@ -282,11 +371,18 @@ class StreamedAnswer(_Answer):
         super().__init__(app, response, req, *args)
         self.out = ChunkWriter(self.chat, self.rid, app.model_name)
         self.include_usage = req.stream_options is not None and req.stream_options.include_usage
+        self.opened = False
+
+    def set_index(self, index: int) -> None:
+        super().set_index(index)
+        self.out = ChunkWriter(self.chat, self.rid, self.app.model_name, index)
 
     def _feed(self, delta: P.Delta) -> None:
         out, events = self.out, []
-        if not self.response.started:
-            self.response.start(200, SSE)
+        if not self.opened:
+            self.opened = True
+            if not self.response.started:
+                self.response.start(200, SSE)
             if self.chat:
                 events.append(out.role())
             elif self.echo:
@@ -309,8 +405,19 @@ class StreamedAnswer(_Answer):
             return
         if finish != "error":
             events.append(out.finish(_openai_finish(finish)))
+        choices = self.choices
+        if choices is not None and finish != "error":
+            if not choices.ended():       # the others still stream
+                self.response.write(b"".join(events))
+                self._finished(finish)
+                return
+            n_out = choices.completion_tokens()
+        else:
+            n_out = self.n_out
         if self.include_usage:
-            events.append(out.usage(oa.usage(self.n_prompt, self.n_out, self.n_cached)))
+            events.append(out.usage(oa.usage(self.n_prompt, n_out, self.n_cached)))
         events.append(ChunkWriter.DONE)
         self.response.end(b"".join(events))
         self._finished(finish)
+        if choices is not None and finish == "error":
+            choices.abandon()

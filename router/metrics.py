@@ -76,7 +76,8 @@ class RequestMetrics(Collector):
         self.generation_tokens += generated
 
     def collect(self):
-        requests = CounterMetricFamily("slurmserve:requests", "Finished HTTP requests by finish reason",
+        requests = CounterMetricFamily("slurmserve:requests", "Finished requests by finish reason "
+                                       "(each choice of an n > 1 request, as vLLM counts them)",
                                        labels=["finish_reason"])
         for reason, n in sorted(self.finished.items()):
             requests.add_metric([reason], n)

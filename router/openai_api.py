@@ -37,6 +37,9 @@ class StreamOptions(Struct, forbid_unknown_fields=False):
     include_usage: bool = False
 
 
+MAX_N = 64       # choices per request: each is an engine request of its own
+
+
 class _Common(Struct, kw_only=True, forbid_unknown_fields=False):
     model: str
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
@@ -54,7 +57,7 @@ class _Common(Struct, kw_only=True, forbid_unknown_fields=False):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stream_interval: Annotated[int, Meta(ge=1)] | None = None   # vLLM's: tokens per streamed chunk
-    n: int = 1
+    n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
     logprobs: Any = None
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
@@ -94,8 +97,6 @@ def parse(body: bytes, chat: bool) -> CompletionRequest | ChatRequest:
 
 
 def check_supported(req: _Common) -> None:
-    if req.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
     if req.logprobs not in (None, False):
         raise APIError(400, "logprobs are not supported", param="logprobs")
     # Accepted by the OpenAI API but not served here: refused, rather than silently ignored.
@@ -197,52 +198,54 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def full_response(chat: bool, rid: str, model: str, text: str, finish_reason: str, usage_: dict) -> bytes:
-    created = int(time.time())
+def full_response(chat: bool, rid: str, model: str, choices: list[tuple[str, str]], usage_: dict) -> bytes:
+    """The body of a whole answer; `choices`: (text, finish reason) of each, in index order."""
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
+        out = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish} for i, (text, finish) in enumerate(choices)]
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        out = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+               for i, (text, finish) in enumerate(choices)]
         obj = "text_completion"
-    return msgspec.json.encode({"id": rid, "object": obj, "created": created, "model": model,
-                                "choices": [choice], "usage": usage_})
+    return msgspec.json.encode({"id": rid, "object": obj, "created": int(time.time()), "model": model,
+                                "choices": out, "usage": usage_})
 
 
 class ChunkWriter:
-    """SSE chunks of one streamed response, built from byte templates made once per request."""
+    """SSE chunks of one choice of a streamed response, built from byte templates made once per
+    request (the usage chunk belongs to the whole response)."""
 
     __slots__ = ("_head", "_chat", "_usage_head")
 
-    def __init__(self, chat: bool, rid: str, model: str):
+    def __init__(self, chat: bool, rid: str, model: str, index: int = 0):
         obj = "chat.completion.chunk" if chat else "text_completion"
         created = int(time.time())
         enc = msgspec.json.encode
         self._chat = chat
-        self._head = (b'data: {"id":' + enc(rid) + b',"object":"' + obj.encode() + b'","created":'
-                      + str(created).encode() + b',"model":' + enc(model) + b',"choices":[')
-        self._usage_head = self._head
+        self._usage_head = (b'data: {"id":' + enc(rid) + b',"object":"' + obj.encode() + b'","created":'
+                            + str(created).encode() + b',"model":' + enc(model) + b',"choices":[')
+        self._head = self._usage_head + b'{"index":' + str(index).encode() + b","
 
     def role(self) -> bytes:
-        return self._head + b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,' \
+        return self._head + b'"delta":{"role":"assistant","content":""},"logprobs":null,' \
                             b'"finish_reason":null}]}\n\n'
 
     def text(self, text: str, finish_reason: str | None = None) -> bytes:
         fr = b"null" if finish_reason is None else b'"' + finish_reason.encode() + b'"'
         t = msgspec.json.encode(text)
         if self._chat:
-            body = b'{"index":0,"delta":{"content":' + t + b'},"logprobs":null,"finish_reason":' + fr
+            body = b'"delta":{"content":' + t + b'},"logprobs":null,"finish_reason":' + fr
         else:
-            body = b'{"index":0,"text":' + t + b',"logprobs":null,"finish_reason":' + fr
+            body = b'"text":' + t + b',"logprobs":null,"finish_reason":' + fr
         return self._head + body + b"}]}\n\n"
 
     def finish(self, finish_reason: str) -> bytes:
         fr = b'"' + finish_reason.encode() + b'"'
         if self._chat:
-            body = b'{"index":0,"delta":{},"logprobs":null,"finish_reason":' + fr
+            body = b'"delta":{},"logprobs":null,"finish_reason":' + fr
         else:
-            body = b'{"index":0,"text":"","logprobs":null,"finish_reason":' + fr
+            body = b'"text":"","logprobs":null,"finish_reason":' + fr
         return self._head + body + b"}]}\n\n"
 
     def usage(self, usage_: dict) -> bytes:

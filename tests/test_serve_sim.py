@@ -106,6 +106,38 @@ def test_penalties_are_accepted_and_unsupported_options_refused(agg):
     assert ok.choices[0].message.content is not None
 
 
+def test_n_choices_whole_and_streamed(agg):
+    """n > 1: one choice per index, each the answer a single request with seed + index gets (vLLM's
+    parallel sampling); the prompt counted once in the usage, the completion tokens of all choices."""
+    c = agg.client()
+    args = dict(model=MODEL, prompt="one two three", max_tokens=6, extra_body={"ignore_eos": True})
+    singles = [c.completions.create(seed=7 + i, **args).choices[0].text for i in range(3)]
+    assert len(set(singles)) == 3, "the seeds must give different answers for this test to mean anything"
+    r = c.completions.create(n=3, seed=7, **args)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert [ch.text for ch in r.choices] == singles and {ch.finish_reason for ch in r.choices} == {"length"}
+    assert r.usage.completion_tokens == 18 and r.usage.prompt_tokens == c.completions.create(
+        **args).usage.prompt_tokens
+
+    msgs = [{"role": "user", "content": "name three colours"}]
+    chat = dict(model=MODEL, messages=msgs, max_tokens=5, seed=3, extra_body={"ignore_eos": True})
+    whole = c.chat.completions.create(n=2, **chat)
+    chunks = list(c.chat.completions.create(n=2, stream=True, stream_options={"include_usage": True}, **chat))
+    by_index = {0: [], 1: []}
+    for ch in chunks:
+        for choice in ch.choices:
+            by_index[choice.index].append(choice)
+    for i, parts in by_index.items():
+        assert parts[0].delta.role == "assistant"                      # each choice opens with its role
+        assert "".join(p.delta.content or "" for p in parts) == whole.choices[i].message.content
+        assert [p.finish_reason for p in parts if p.finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 10 == whole.usage.completion_tokens
+    for n in (0, 65):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(n=n, **args)
+        assert e.value.body["param"] == "n"
+
+
 def test_stream_interval(agg):
     """vLLM's stream_interval: the first token at once, then a chunk per 8 tokens; same text."""
     c = agg.client()
@@ -213,7 +245,7 @@ def _post(dep, path, body, key=True, raw=None):
     ({"model": MODEL, "prompt": "x", "temperature": -1}, None, 400, "temperature"),
     ({"model": MODEL, "prompt": "x", "max_tokens": 0}, None, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "max_tokens": "ten"}, None, 400, "max_tokens"),
-    ({"model": MODEL, "prompt": "x", "n": 2}, None, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "n": 65}, None, 400, "n"),
     ({"model": MODEL, "prompt": [999999]}, None, 400, "prompt"),
     ({"model": MODEL, "prompt": "x " * 600}, None, 400, "prompt"),
     ({"model": MODEL}, None, 400, None),
@@ -258,23 +290,25 @@ def test_api_key_file_private(agg):
     assert os.stat(os.path.dirname(key_file)).st_mode & 0o777 == 0o700
 
 
-def test_client_disconnect_aborts(agg):
+@pytest.mark.parametrize("n", [1, 3])
+def test_client_disconnect_aborts(agg, n):
+    """A client that leaves mid-stream: every choice's engine request is aborted."""
     before = metric(agg.metrics(), "slurmserve:requests_total", finish_reason="abort")
     with httpx.stream("POST", agg.base + "/v1/completions", timeout=30,
                       headers={"Authorization": f"Bearer {agg.api_key}"},
                       json={"model": MODEL, "prompt": "long one", "max_tokens": 400, "stream": True,
-                            "ignore_eos": True}) as r:
+                            "ignore_eos": True, "n": n}) as r:
         lines = r.iter_lines()
         for _ in range(6):
             next(lines)
     deadline = time.time() + 5
     while time.time() < deadline:
         m = agg.metrics()
-        if (metric(m, "slurmserve:requests_total", finish_reason="abort") > before
+        if (metric(m, "slurmserve:requests_total", finish_reason="abort") == before + n
                 and metric(m, "slurmserve:instance_num_requests_running") == 0):
             return
         time.sleep(0.1)
-    pytest.fail("a disconnected stream was not aborted in the engine")
+    pytest.fail(f"a disconnected stream of {n} choice(s) was not aborted in the engine")
 
 
 def _handshake_events(endpoint: str, socket_type: int, curve: bool) -> set[int]:

@@ -201,6 +201,17 @@ def test_penalties_reach_vllm(agg, offline, prompts, tok):
     assert (text, n, finish) == (tok.decode(penalized[0]), len(penalized[0]), penalized[1])
 
 
+def test_n_choices_are_vllm_seeded_samples(agg, prompts):
+    """n > 1 with a seed: choice i is what vLLM samples for one request with seed + i (its
+    parallel sampling's rule), at temperature 1."""
+    _, prompt, _ = prompts[1]
+    c = agg.client(timeout=60)
+    args = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.0)
+    singles = [c.completions.create(seed=11 + i, **args).choices[0].text for i in range(2)]
+    assert singles[0] != singles[1]
+    assert [ch.text for ch in c.completions.create(n=2, seed=11, **args).choices] == singles
+
+
 def test_aggregated_streaming_equals_non_streaming(agg, agg_answers, prompts):
     c = agg.client(timeout=60)
     for (kind, prompt, _), answer in zip(prompts, agg_answers):
