@@ -204,7 +204,7 @@ class HeadApp:
                     return
                 choices.add(type(first)(self, first.response, req, rid, prompt, stops, first.chat,
                                         first.start, first.echo))
-            first.response.on_disconnect = choices.client_left
+            first.response.on_disconnect = choices.stop_all
             for s, answer in zip(streams, choices.answers):
                 s.attach(answer.feed)
             await asyncio.gather(*(a.done for a in choices.answers))
@@ -319,12 +319,8 @@ class Choices:
         return oa.full_response(first.chat, first.rid, first.app.model_name, [a.result for a in self.answers],
                                 oa.usage(first.n_prompt, self.completion_tokens(), first.n_cached))
 
-    def abandon(self) -> None:
-        """One choice failed and answered the client with the error: the others stop."""
-        for a in self.answers:
-            a.client_left()
-
-    def client_left(self) -> None:
+    def stop_all(self) -> None:
+        """The client left, or one choice failed and answered it with the error: all stop."""
         for a in self.answers:
             a.client_left()
 
@@ -345,7 +341,7 @@ class WholeAnswer(_Answer):
             self.response.send(503, err.body(), JSON)
             self.done.set_result(None)
             if self.choices is not None:
-                self.choices.abandon()
+                self.choices.stop_all()
             return
         if stopped:
             finish = "stop"
@@ -420,4 +416,4 @@ class StreamedAnswer(_Answer):
         self.response.end(b"".join(events))
         self._finished(finish)
         if choices is not None and finish == "error":
-            choices.abandon()
+            choices.stop_all()
