@@ -248,7 +248,11 @@ class _Answer:
         self.n_cached = 0
         self.first = True
         self.t_first = 0.0
-        self.text = TextStream(app.tok, stops, prompt_ids=prompt)
+        # An engine's "stop" is a stop token (EOS or one of stop_token_ids), the delta's last: like
+        # vLLM, its text is not part of the answer unless include_stop_str_in_output.
+        self.keep_stop_token = req.include_stop_str_in_output
+        self.text = TextStream(app.tok, stops, prompt_ids=prompt, skip_special_tokens=req.skip_special_tokens,
+                               include_stop=req.include_stop_str_in_output)
         self.done = asyncio.get_running_loop().create_future()
 
     def feed(self, delta: P.Delta) -> None:
@@ -268,6 +272,13 @@ class _Answer:
 
     def _feed(self, delta: P.Delta) -> None:
         raise NotImplementedError
+
+    def _text(self, delta: P.Delta) -> tuple[str, bool]:
+        """The delta's text, and whether a stop string ended it."""
+        ids = delta.token_ids
+        if delta.finish_reason == "stop" and not self.keep_stop_token:
+            ids = ids[:-1]
+        return self.text.feed(ids)
 
     def set_index(self, index: int) -> None:
         self.index = index
@@ -333,7 +344,7 @@ class WholeAnswer(_Answer):
         self.parts: list[str] = []
 
     def _feed(self, delta: P.Delta) -> None:
-        piece, stopped = self.text.feed(delta.token_ids)
+        piece, stopped = self._text(delta)
         self.parts.append(piece)
         if (failure := _engine_failure(delta)) is not None:
             err = APIError(503, failure, type_="server_error")
@@ -383,7 +394,7 @@ class StreamedAnswer(_Answer):
                 events.append(out.role())
             elif self.echo:
                 events.append(out.text(self.echo))
-        piece, stopped = self.text.feed(delta.token_ids)
+        piece, stopped = self._text(delta)
         finish = None
         if (failure := _engine_failure(delta)) is not None:
             events.append(out.error(APIError(503, failure, type_="server_error")))

@@ -52,6 +52,9 @@ class _Common(Struct, kw_only=True, forbid_unknown_fields=False):
     repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None     # vLLM's; 1 = off
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None           # vLLM's; 0 = off
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None           # vLLM's: tokens that end the answer
+    include_stop_str_in_output: bool = False          # vLLM's: keep the stop string or token's text
+    skip_special_tokens: bool = True                  # vLLM's
     ignore_eos: bool = False
     min_tokens: Annotated[int, Meta(ge=0)] = 0
     stream: bool = False
@@ -156,6 +159,12 @@ def sampling_params(req: _Common, prompt_len: int, max_model_len: int, vocab_siz
         raise APIError(400, "seed is out of range", param="seed")
     top_k = req.top_k if req.top_k not in (None, 0) else -1
     stop_ids = [] if req.ignore_eos or eos_token_id is None else [eos_token_id]
+    for t in req.stop_token_ids or ():     # (ignore_eos ignores EOS only, as in vLLM)
+        if not 0 <= t < vocab_size:
+            raise APIError(400, f"stop_token_ids: {t} is not a token id of this model (vocabulary {vocab_size})",
+                           param="stop_token_ids")
+        if t not in stop_ids:
+            stop_ids.append(t)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,

@@ -138,6 +138,26 @@ def test_n_choices_whole_and_streamed(agg):
         assert e.value.body["param"] == "n"
 
 
+def test_stop_token_ids(agg, tiny_model_dir):
+    """vLLM's stop_token_ids: every id a stop token, so the first token ends the answer ("stop");
+    its text is left out unless include_stop_str_in_output, as in vLLM. ignore_eos does not lift it."""
+    c = agg.client()
+    tok = Tokenizer(tiny_model_dir)
+    every = [i for i in range(tok.vocab_size) if i not in tok.special_ids]
+    args = dict(model=MODEL, prompt="count: one two", max_tokens=8, seed=3)
+    plain = c.completions.create(**args, extra_body={"ignore_eos": True})
+    r = c.completions.create(**args, extra_body={"ignore_eos": True, "stop_token_ids": every})
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens, r.choices[0].text) == ("stop", 1, "")
+    kept = c.completions.create(**args, extra_body={"stop_token_ids": every, "include_stop_str_in_output": True})
+    assert kept.choices[0].text and plain.choices[0].text.startswith(kept.choices[0].text)
+    chunks = list(c.completions.create(**args, stream=True, extra_body={"stop_token_ids": every}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == ""
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(**args, extra_body={"stop_token_ids": [tok.vocab_size]})
+    assert e.value.body["param"] == "stop_token_ids"
+
+
 def test_stream_interval(agg):
     """vLLM's stream_interval: the first token at once, then a chunk per 8 tokens; same text."""
     c = agg.client()
@@ -210,6 +230,9 @@ def test_stop_string(agg):
                                extra_body={"ignore_eos": True})
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == base[:base.index(stop)]
+    kept = c.completions.create(model=MODEL, prompt="hello world", max_tokens=40, temperature=0, stop=[stop],
+                                extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+    assert kept.choices[0].text == base[:base.index(stop) + len(stop)]
 
 
 def test_min_tokens_and_sampling_params(agg):
