@@ -100,7 +100,7 @@ def parse(body: bytes, chat: bool) -> CompletionRequest | ChatRequest:
 
 
 def check_supported(req: _Common) -> None:
-    if req.logprobs not in (None, False):
+    if req.logprobs is not None and req.logprobs is not False:    # (completions' logprobs=0 asks for some)
         raise APIError(400, "logprobs are not supported", param="logprobs")
     # Accepted by the OpenAI API but not served here: refused, rather than silently ignored.
     if req.logit_bias:

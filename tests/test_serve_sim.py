@@ -269,6 +269,7 @@ def _post(dep, path, body, key=True, raw=None):
     ({"model": MODEL, "prompt": "x", "max_tokens": 0}, None, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "max_tokens": "ten"}, None, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "n": 65}, None, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 0}, None, 400, "logprobs"),
     ({"model": MODEL, "prompt": [999999]}, None, 400, "prompt"),
     ({"model": MODEL, "prompt": "x " * 600}, None, 400, "prompt"),
     ({"model": MODEL}, None, 400, None),
