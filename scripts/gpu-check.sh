@@ -6,6 +6,11 @@
 #   3. `slurmserve bench kv-transfer` with both sides' blocks on the GPU, then host to GPU.
 # Needs CUDA torch and slurmserve with its nixl extra importable by python3.
 #   scripts/gpu-check.sh [OUT_DIR]        (default runs/gpu-check)
+# On a machine that can fetch nothing (torch present): bring cp312 wheels of nixl, nixl-cu13, pyzmq,
+# msgspec, pydantic, pydantic_core, annotated-types, typing-inspection and typing_extensions in .whl/,
+# then, from the repository's root:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+#   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . && scripts/gpu-check.sh OUT_DIR
 set -uo pipefail
 out=${1:-runs/gpu-check}
 mkdir -p "$out"
