@@ -121,22 +121,26 @@ class HeadApp:
                            param="model", code="model_not_found")
         oa.check_supported(req)
         stops = oa.stop_strings(req)
-        echo = ""                # completions with `echo`: the prompt's text, answered first
         if chat:
             try:
                 prompt = self.tok.apply_chat_template(req.messages, **(req.chat_template_kwargs or {}))
             except (ValueError, TypeError, KeyError) as e:
                 raise APIError(400, f"messages: {e}", param="messages") from None
-        else:
-            p = oa.completion_prompt(req, self.tok.vocab_size)
-            prompt = self.tok.encode(p) if isinstance(p, str) else p
-            if req.echo:
-                echo = p if isinstance(p, str) else self.tok.decode(prompt)
-        if not prompt:
-            raise APIError(400, "the prompt has no tokens", param="prompt")
-        params = oa.sampling_params(req, len(prompt), self.max_model_len, self.tok.vocab_size,
-                                    self.tok.eos_token_id, chat)
-        return req, prompt, params, stops, echo
+            prompts = [(prompt, "")]
+        else:        # (token ids, echo: with `echo`, the prompt's text, answered first)
+            prompts = []
+            for p in oa.completion_prompts(req, self.tok.vocab_size):
+                ids = self.tok.encode(p) if isinstance(p, str) else p
+                echo = "" if not req.echo else p if isinstance(p, str) else self.tok.decode(ids)
+                prompts.append((ids, echo))
+        jobs = []
+        for prompt, echo in prompts:
+            if not prompt:
+                raise APIError(400, "the prompt has no tokens", param="prompt")
+            params = oa.sampling_params(req, len(prompt), self.max_model_len, self.tok.vocab_size,
+                                        self.tok.eos_token_id, chat)
+            jobs.append((prompt, params, echo))
+        return req, jobs, stops
 
     async def _generate(self, request: Request, response: Response, chat: bool) -> None:
         if self.draining:
@@ -145,7 +149,8 @@ class HeadApp:
         if self.inflight >= self.max_concurrent:
             raise APIError(429, "too many requests in flight", type_="rate_limit_error",
                            headers={"retry-after": "1"})
-        req, prompt, params, stops, echo = self._prepare(request.body, chat)
+        req, jobs, stops = self._prepare(request.body, chat)
+        prompt, params, echo = jobs[0]
         rid = oa.new_id(chat)
         session = request.header(self.session_header) if self.session_header is not None else None
         # A whole answer needs delivering only at the end, unless stop strings are watched as it
@@ -169,8 +174,8 @@ class HeadApp:
                 return
             answer = (StreamedAnswer if req.stream else WholeAnswer)(self, response, req, rid, prompt,
                                                                        stops, chat, start, echo)
-            if req.n > 1:
-                await self._more_choices(answer, stream, req, rid, prompt, params, stops, session, interval)
+            if req.n > 1 or len(jobs) > 1:
+                await self._more_choices(answer, stream, req, rid, jobs, stops, session, interval)
                 return
             response.on_disconnect = answer.client_left
             try:
@@ -182,18 +187,22 @@ class HeadApp:
             self.metrics.requests.running -= 1
             self.metrics.requests.e2e.observe(time.perf_counter() - start)
 
-    async def _more_choices(self, first: _Answer, stream, req, rid: str, prompt: list[int],
-                            params: P.SamplingParams, stops: list[str], session, interval: int) -> None:
-        """n > 1: each further choice is an engine request of its own, routed like the first (to
-        the instance that has just cached the prompt, under `kv`), with seed + i when a seed is
-        given (as vLLM's parallel sampling does). They share the response: `Choices` ends it."""
-        choices = Choices(first, req)
+    async def _more_choices(self, first: _Answer, stream, req, rid: str, jobs: list, stops: list[str],
+                            session, interval: int) -> None:
+        """Several choices: n per prompt, for each of a completion request's prompts, in OpenAI's
+        order (prompt k's choice i has index k * n + i). Each further choice is an engine request of
+        its own, routed like the first (for the same prompt, to the instance that has just cached
+        it, under `kv`), with seed + i when a seed is given (as vLLM's parallel sampling does).
+        They share the response: `Choices` ends it."""
+        choices = Choices(first, req.n * len(jobs))
         streams = [stream]
         try:
-            for i in range(1, req.n):
-                p = params if params.seed is None else msgspec.structs.replace(params, seed=params.seed + i)
+            for index in range(1, req.n * len(jobs)):
+                prompt, params, echo = jobs[index // req.n]
+                i = index % req.n
+                p = params if params.seed is None or not i else msgspec.structs.replace(params, seed=params.seed + i)
                 try:
-                    streams.append(await self.orch.start(f"{rid}-{i}", prompt, p, session, interval))
+                    streams.append(await self.orch.start(f"{rid}-{index}", prompt, p, session, interval))
                 except NoInstanceError as e:
                     raise APIError(503, str(e), type_="service_unavailable", headers={"retry-after": "1"}) from None
                 except asyncio.CancelledError:
@@ -203,7 +212,7 @@ class HeadApp:
                     self.metrics.requests.count("abort")
                     return
                 choices.add(type(first)(self, first.response, req, rid, prompt, stops, first.chat,
-                                        first.start, first.echo))
+                                        first.start, echo), counts_prompt=i == 0)
             first.response.on_disconnect = choices.stop_all
             for s, answer in zip(streams, choices.answers):
                 s.attach(answer.feed)
@@ -237,8 +246,9 @@ class _Answer:
                  stops: list[str], chat: bool, start: float, echo: str = ""):
         self.app = app
         self.echo = echo
-        self.index = 0                 # the choice's index, and the others', when n > 1
+        self.index = 0                 # the choice's index, and the others', when there are several
         self.choices: Choices | None = None
+        self.counts_prompt = True      # the first choice of its prompt: usage counts the prompt once
         self.response = response
         self.rid = rid
         self.chat = chat
@@ -285,7 +295,7 @@ class _Answer:
 
     def _finished(self, finish: str) -> None:
         requests = self.app.metrics.requests
-        first = self.index == 0          # one request's prompt counts once, whatever its n
+        first = self.counts_prompt       # a prompt counts once, whatever its n
         requests.count(finish, self.n_prompt if first else 0, self.n_cached if first else 0, self.n_out)
         if self.n_out > 1:
             requests.tpot.observe((time.perf_counter() - self.t_first) / (self.n_out - 1))
@@ -298,19 +308,26 @@ class _Answer:
 
 
 class Choices:
-    """The answers of one request with n > 1, in index order, sharing its response. The answer
-    that ends last sends the whole body, or ends the stream with the usage of all of them."""
+    """The answers of a request with several choices (n > 1, or several prompts), in index order,
+    sharing its response. The answer that ends last sends the whole body, or ends the stream with
+    the usage of all of them."""
 
-    def __init__(self, first: _Answer, req):
+    def __init__(self, first: _Answer, count: int):
         first.choices = self
         self.answers = [first]
-        self.left = req.n
+        self.left = count
         self._ttft_seen = False
 
-    def add(self, answer: _Answer) -> None:
+    def add(self, answer: _Answer, counts_prompt: bool) -> None:
         answer.set_index(len(self.answers))
         answer.choices = self
+        answer.counts_prompt = counts_prompt
         self.answers.append(answer)
+
+    def prompt_tokens(self) -> tuple[int, int]:
+        """(prompt tokens, cached prompt tokens) of the request: each prompt once."""
+        firsts = [a for a in self.answers if a.counts_prompt]
+        return sum(a.n_prompt for a in firsts), sum(a.n_cached for a in firsts)
 
     def first_token(self) -> bool:
         """True for the request's first token of any choice: its TTFT."""
@@ -327,8 +344,9 @@ class Choices:
 
     def whole_body(self) -> bytes:
         first = self.answers[0]
+        prompt, cached = self.prompt_tokens()
         return oa.full_response(first.chat, first.rid, first.app.model_name, [a.result for a in self.answers],
-                                oa.usage(first.n_prompt, self.completion_tokens(), first.n_cached))
+                                oa.usage(prompt, self.completion_tokens(), cached))
 
     def stop_all(self) -> None:
         """The client left, or one choice failed and answered it with the error: all stop."""
@@ -418,11 +436,12 @@ class StreamedAnswer(_Answer):
                 self.response.write(b"".join(events))
                 self._finished(finish)
                 return
+            n_prompt, n_cached = choices.prompt_tokens()
             n_out = choices.completion_tokens()
         else:
-            n_out = self.n_out
+            n_prompt, n_out, n_cached = self.n_prompt, self.n_out, self.n_cached
         if self.include_usage:
-            events.append(out.usage(oa.usage(self.n_prompt, n_out, self.n_cached)))
+            events.append(out.usage(oa.usage(n_prompt, n_out, n_cached)))
         events.append(ChunkWriter.DONE)
         self.response.end(b"".join(events))
         self._finished(finish)

@@ -37,7 +37,8 @@ class StreamOptions(Struct, forbid_unknown_fields=False):
     include_usage: bool = False
 
 
-MAX_N = 64       # choices per request: each is an engine request of its own
+MAX_N = 64             # choices per prompt: each is an engine request of its own
+MAX_CHOICES = 256      # choices per request, over all its prompts
 
 
 class _Common(Struct, kw_only=True, forbid_unknown_fields=False):
@@ -120,17 +121,29 @@ def check_supported(req: _Common) -> None:
         raise APIError(400, "min_tokens must be at most max_tokens", param="min_tokens")
 
 
-def completion_prompt(req: CompletionRequest, vocab_size: int) -> str | list[int]:
-    """The one prompt of a completion request: text, or token ids within the vocabulary."""
+def completion_prompts(req: CompletionRequest, vocab_size: int) -> list[str | list[int]]:
+    """The prompts of a completion request, each text or token ids within the vocabulary: one
+    (a string, a list of ids) or several (a list of strings, a list of lists of ids)."""
     p = req.prompt
     if isinstance(p, str):
-        return p
-    if len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]
-        if isinstance(p, str):
-            return p
-    if not p:
+        return [p]
+    if p and all(isinstance(x, str) for x in p):
+        prompts = list(p)
+    elif p and all(isinstance(x, list) for x in p):
+        prompts = [_token_ids(x, vocab_size, f"prompt[{i}]") for i, x in enumerate(p)]
+    else:
+        prompts = [_token_ids(p, vocab_size, "prompt")]
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompts x n={req.n} is over {MAX_CHOICES} choices a request",
+                       param="prompt")
+    if any(not x for x in prompts):
         raise APIError(400, "prompt must not be empty", param="prompt")
+    return prompts
+
+
+def _token_ids(p: list, vocab_size: int, where: str) -> list[int]:
+    if not p:
+        raise APIError(400, f"{where} must not be empty", param="prompt")
     try:
         msgspec.convert(p, _token_ids_type(vocab_size))   # one check in C: a Python loop costs ~0.1 ms per 2k ids
         return p
@@ -138,9 +151,8 @@ def completion_prompt(req: CompletionRequest, vocab_size: int) -> str | list[int
         pass
     if all(type(t) is int for t in p):
         bad = next(t for t in p if not 0 <= t < vocab_size)
-        raise APIError(400, f"token id {bad} is out of vocabulary (size {vocab_size})", param="prompt")
-    raise APIError(400, "prompt must be a string, a list of token ids, or a one-element list of "
-                        "either (one prompt per request)", param="prompt")
+        raise APIError(400, f"{where}: token id {bad} is out of vocabulary (size {vocab_size})", param="prompt")
+    raise APIError(400, "prompt must be a string, a list of token ids, or a list of either", param="prompt")
 
 
 def sampling_params(req: _Common, prompt_len: int, max_model_len: int, vocab_size: int,

@@ -138,6 +138,32 @@ def test_n_choices_whole_and_streamed(agg):
         assert e.value.body["param"] == "n"
 
 
+def test_several_prompts_in_one_completion_request(agg, tiny_model_dir):
+    """A list of prompts (text or token ids), as lm-eval's batched completions send: choice k * n + i
+    answers prompt k as a request of its own would; usage counts every prompt once."""
+    c = agg.client()
+    tok = Tokenizer(tiny_model_dir)
+    texts = ["the quick brown fox", "hello there", "one two three four"]
+    args = dict(model=MODEL, max_tokens=5, seed=2, extra_body={"ignore_eos": True})
+    singles = [[c.completions.create(prompt=t, **{**args, "seed": 2 + i}).choices[0].text for i in range(2)]
+               for t in texts]
+    r = c.completions.create(prompt=texts, n=2, **args)
+    assert [ch.index for ch in r.choices] == list(range(6))
+    assert [ch.text for ch in r.choices] == [t for pair in singles for t in pair]
+    assert r.usage.prompt_tokens == sum(len(tok.encode(t)) for t in texts) and r.usage.completion_tokens == 30
+    ids = [tok.encode(t) for t in texts[:2]]
+    r = c.completions.create(prompt=ids, echo=True, **args)
+    assert [ch.text for ch in r.choices] == [tok.decode(i) + s[0] for i, s in zip(ids, singles)]
+    chunks = list(c.completions.create(prompt=texts, stream=True, stream_options={"include_usage": True}, **args))
+    streamed = ["".join(ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].index == k)
+                for k in range(3)]
+    assert streamed == [s[0] for s in singles] and chunks[-1].usage.completion_tokens == 15
+    for bad in ([[]], [[1, 2], []], ["a", ""], [[1, 2], [tok.vocab_size]], ["x"] * 129):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(prompt=bad, n=2, **args)
+        assert e.value.body["param"] == "prompt", bad
+
+
 def test_stop_token_ids(agg, tiny_model_dir):
     """vLLM's stop_token_ids: every id a stop token, so the first token ends the answer ("stop");
     its text is left out unless include_stop_str_in_output, as in vLLM. ignore_eos does not lift it."""
