@@ -511,7 +511,7 @@ class ZmqKVTransfer(KVTransfer):
         if any(not isinstance(b, int) or not 0 <= b < self.num_blocks for b in ids):
             raise ValueError("block id out of range")
         data = kv_buffer.gather(self.buffer, ids)      # one frame, no further copy
-        self._export_done(tag, True)                              # the read is the notification
+        self._export_done(tag, True)                   # the read is the notification
         return [b"DATA", tag, data]
 
 

@@ -126,21 +126,21 @@ class HeadApp:
                 prompt = self.tok.apply_chat_template(req.messages, **(req.chat_template_kwargs or {}))
             except (ValueError, TypeError, KeyError) as e:
                 raise APIError(400, f"messages: {e}", param="messages") from None
-            prompts = [(prompt, "")]
-        else:        # (token ids, echo: with `echo`, the prompt's text, answered first)
-            prompts = []
-            for p in oa.completion_prompts(req, self.tok.vocab_size):
-                ids = self.tok.encode(p) if isinstance(p, str) else p
-                echo = "" if not req.echo else p if isinstance(p, str) else self.tok.decode(ids)
-                prompts.append((ids, echo))
+            return req, [self._job(req, chat, prompt, "")], stops
         jobs = []
-        for prompt, echo in prompts:
-            if not prompt:
-                raise APIError(400, "the prompt has no tokens", param="prompt")
-            params = oa.sampling_params(req, len(prompt), self.max_model_len, self.tok.vocab_size,
-                                        self.tok.eos_token_id, chat)
-            jobs.append((prompt, params, echo))
+        for p in oa.completion_prompts(req, self.tok.vocab_size):
+            ids = self.tok.encode(p) if isinstance(p, str) else p
+            echo = "" if not req.echo else p if isinstance(p, str) else self.tok.decode(ids)
+            jobs.append(self._job(req, chat, ids, echo))
         return req, jobs, stops
+
+    def _job(self, req, chat: bool, prompt: list[int], echo: str) -> tuple:
+        """(token ids, sampling params, echo) of one prompt; echo: with `echo`, its text, answered first."""
+        if not prompt:
+            raise APIError(400, "the prompt has no tokens", param="prompt")
+        params = oa.sampling_params(req, len(prompt), self.max_model_len, self.tok.vocab_size,
+                                    self.tok.eos_token_id, chat)
+        return prompt, params, echo
 
     async def _generate(self, request: Request, response: Response, chat: bool) -> None:
         if self.draining:
@@ -159,18 +159,10 @@ class HeadApp:
             else WHOLE_ANSWER
         start = time.perf_counter()
         self.metrics.requests.running += 1
-        task = asyncio.current_task()
-        response.on_disconnect = task.cancel     # while routing: a prefill leg may be running
+        response.on_disconnect = asyncio.current_task().cancel    # while routing: a prefill leg may be running
         try:
-            try:
-                stream = await self.orch.start(rid, prompt, params, session, interval)
-            except NoInstanceError as e:
-                raise APIError(503, str(e), type_="service_unavailable", headers={"retry-after": "1"}) from None
-            except asyncio.CancelledError:
-                if not response.disconnected:
-                    raise
-                task.uncancel()
-                self.metrics.requests.count("abort")
+            stream = await self._start(response, rid, prompt, params, session, interval)
+            if stream is None:
                 return
             answer = (StreamedAnswer if req.stream else WholeAnswer)(self, response, req, rid, prompt,
                                                                        stops, chat, start, echo)
@@ -187,6 +179,21 @@ class HeadApp:
             self.metrics.requests.running -= 1
             self.metrics.requests.e2e.observe(time.perf_counter() - start)
 
+    async def _start(self, response: Response, rid: str, prompt: list[int], params: P.SamplingParams,
+                     session, interval: int):
+        """Route and send one engine request; its DeltaStream, or None if the client left while it
+        was routed (a remote prefill leg may run meanwhile), counted as an abort."""
+        try:
+            return await self.orch.start(rid, prompt, params, session, interval)
+        except NoInstanceError as e:
+            raise APIError(503, str(e), type_="service_unavailable", headers={"retry-after": "1"}) from None
+        except asyncio.CancelledError:
+            if not response.disconnected:
+                raise
+            asyncio.current_task().uncancel()
+            self.metrics.requests.count("abort")
+            return None
+
     async def _more_choices(self, first: _Answer, stream, req, rid: str, jobs: list, stops: list[str],
                             session, interval: int) -> None:
         """Several choices: n per prompt, for each of a completion request's prompts, in OpenAI's
@@ -201,16 +208,10 @@ class HeadApp:
                 prompt, params, echo = jobs[index // req.n]
                 i = index % req.n
                 p = params if params.seed is None or not i else msgspec.structs.replace(params, seed=params.seed + i)
-                try:
-                    streams.append(await self.orch.start(f"{rid}-{index}", prompt, p, session, interval))
-                except NoInstanceError as e:
-                    raise APIError(503, str(e), type_="service_unavailable", headers={"retry-after": "1"}) from None
-                except asyncio.CancelledError:
-                    if not first.response.disconnected:
-                        raise
-                    asyncio.current_task().uncancel()
-                    self.metrics.requests.count("abort")
+                stream = await self._start(first.response, f"{rid}-{index}", prompt, p, session, interval)
+                if stream is None:
                     return
+                streams.append(stream)
                 choices.add(type(first)(self, first.response, req, rid, prompt, stops, first.chat,
                                         first.start, echo), counts_prompt=i == 0)
             first.response.on_disconnect = choices.stop_all
@@ -246,7 +247,6 @@ class _Answer:
                  stops: list[str], chat: bool, start: float, echo: str = ""):
         self.app = app
         self.echo = echo
-        self.index = 0                 # the choice's index, and the others', when there are several
         self.choices: Choices | None = None
         self.counts_prompt = True      # the first choice of its prompt: usage counts the prompt once
         self.response = response
@@ -291,7 +291,7 @@ class _Answer:
         return self.text.feed(ids)
 
     def set_index(self, index: int) -> None:
-        self.index = index
+        """This answer is choice `index` of several (only a streamed answer writes it)."""
 
     def _finished(self, finish: str) -> None:
         requests = self.app.metrics.requests
@@ -399,7 +399,6 @@ class StreamedAnswer(_Answer):
         self.opened = False
 
     def set_index(self, index: int) -> None:
-        super().set_index(index)
         self.out = ChunkWriter(self.chat, self.rid, self.app.model_name, index)
 
     def _feed(self, delta: P.Delta) -> None:
