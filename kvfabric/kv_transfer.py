@@ -38,11 +38,15 @@ tightly for at most `spin_s`, then in naps growing to `max_nap_s`.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import importlib.util
 import logging
 import os
+import re
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -524,10 +528,10 @@ class NixlKVTransfer(KVTransfer):
     def _setup_backend(self) -> None:
         for k, v in {**ucx_env_defaults(), "UCX_WARN_UNUSED_ENV_VARS": "n"}.items():
             os.environ.setdefault(k, v)     # before the agent: UCX reads them when it starts
-        from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
-        cfg = nixl_agent_config(enable_prog_thread=False, enable_listen_thread=False, backends=[],
-                                sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_RW)
-        self.agent = nixl_agent(self.name, cfg)
+        api = import_nixl_api()
+        cfg = api.nixl_agent_config(enable_prog_thread=False, enable_listen_thread=False, backends=[],
+                                    sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_RW)
+        self.agent = api.nixl_agent(self.name, cfg)
         self.agent.create_backend("UCX", {})
         where = self.placement
         self._base = kv_buffer.address(self.buffer)
@@ -627,9 +631,42 @@ class NixlKVTransfer(KVTransfer):
         self.agent = None
 
 
+def _torch_without_cuda() -> bool:
+    """True when torch is installed, not imported, and a build without CUDA (read off disk)."""
+    if "torch" in sys.modules:
+        return False
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.origin:
+        return False
+    try:
+        text = (Path(spec.origin).parent / "version.py").read_text()
+    except OSError:
+        return False
+    return re.search(r"^cuda\b[^=\n]*=\s*None\s*$", text, re.M) is not None
+
+
+def import_nixl_api():
+    """nixl._api, imported without torch where torch has no CUDA.
+
+    nixl's meta package picks its CUDA build from torch (nixl_meta_utils.detect_cuda_major): it reads
+    a CUDA torch's version off disk, but imports a torch without CUDA only to learn that it has none,
+    which costs a second or more of start-up and triton's ~40 nanobind "leaked" lines at exit. Only
+    that import is refused here; a GPU buffer has imported its CUDA torch already (kv_buffer)."""
+    if not _torch_without_cuda():
+        import nixl._api
+        return nixl._api
+    sys.modules["torch"] = None          # `import torch` raises ImportError while nixl loads
+    try:
+        import nixl._api
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return nixl._api
+
+
 def nixl_available() -> bool:
     try:
-        import nixl._api  # noqa: F401
+        import_nixl_api()
     except ImportError:
         return False
     return True

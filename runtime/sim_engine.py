@@ -38,7 +38,8 @@ the model has an EOS id and the request does not ignore it, EOS is drawn with pr
 Disaggregation: a prefill-only request (kv_transfer_params with do_remote_decode) prefills, yields
 exactly one token and finishes "length" with kv_transfer_params describing where its KV lives. A
 remote-prefill request (do_remote_prefill) counts its whole prompt as already computed (reported
-as cached tokens) and starts decoding once it has the prompt's KV:
+as cached tokens, and the part not already in its prefix cache as Load.external_kv_tokens, like
+vLLM's external_kv_transfer prompt tokens) and starts decoding once it has the prompt's KV:
   * Real KV movement (prefill and decode instances given side-channel keys by the runtime, and
     `sim.kv_transfer` not "none"): every instance owns a kvfabric KVTransfer whose host buffer
     holds its KV blocks, `sim.kv_bytes_per_token` per token. A prefill instance writes each
@@ -240,6 +241,9 @@ class SimEngine(Engine):
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0        # prompt tokens found in the prefix cache at admission...
         self.prefix_query_tokens = 0      # ...out of these (vLLM's prefix_cache_hits / _queries)
+        # prompt tokens whose KV came from a prefill instance (vLLM's external_kv_transfer prompt
+        # tokens): what the head's instance_prompt_tokens_external_total reports
+        self.external_kv_tokens = 0
         self.kv_transfers_verified = 0
         self.kv_transfers_failed = 0
 
@@ -286,7 +290,8 @@ class SimEngine(Engine):
         n = self.num_blocks
         return Load(running=len(self._running), waiting=len(self._waiting),
                     kv_usage=(n - len(self._free)) / n, num_kv_blocks=n, block_size=self.block_size,
-                    prefix_cache_queries=self.prefix_query_tokens, prefix_cache_hits=self.prefix_hit_tokens)
+                    prefix_cache_queries=self.prefix_query_tokens, prefix_cache_hits=self.prefix_hit_tokens,
+                    external_kv_tokens=self.external_kv_tokens)
 
     def abort(self, req_id: str) -> None:
         req = self._reqs.get(req_id)
@@ -386,6 +391,7 @@ class SimEngine(Engine):
             err = "the pulled KV bytes do not match the prompt"
         if err is None:
             self.kv_transfers_verified += 1
+            self.external_kv_tokens += req.prompt_len - first * bs   # what the pull delivered
             log.debug("pulled and verified %d KV blocks of %s", len(req.block_ids) - first, req.req_id)
             req.num_computed = ntok
             if req.num_cached is None:
@@ -578,6 +584,7 @@ class SimEngine(Engine):
             req.remote = False          # if preempted later, it is recomputed locally
             req.num_computed = ntok
             transfer_ms = self.import_remote_kv(req.req_id, req.kv_params, req.block_ids[len(hits):], need)
+            self.external_kv_tokens += ntok - hit_tokens            # modelled pull: counted as landed
             if req.num_cached is None:
                 req.num_cached = req.prompt_len
         else:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slurmserve.launcher.slurm_config import SlurmOptions
 
@@ -55,11 +55,25 @@ class SimConfig(_Strict):
                             "importable), or none (no bytes; a modelled cost per block).")
 
 
+# Engine kinds this build can run (runtime/engine.py create_engine). TensorRT-LLM is planned: its
+# rank layout (ranks_per_instance) is in place, its engine is not, so a config naming it is refused
+# here, before anything is submitted, rather than by a rank that cannot start.
+AVAILABLE_ENGINES = ("sim", "vllm")
+
+
 class EngineConfig(_Strict):
     kind: Literal["sim", "vllm", "trtllm"] = "sim"
     tensor_parallel_size: int = Field(1, ge=1)
     args: dict[str, Any] = Field(default_factory=dict, description="Passed through to the engine.")
     sim: SimConfig = Field(default_factory=SimConfig)
+
+    @field_validator("kind")
+    @classmethod
+    def _available(cls, kind: str) -> str:
+        if kind not in AVAILABLE_ENGINES:
+            raise ValueError(f"{kind!r} is not available in this build "
+                             f"(available: {', '.join(AVAILABLE_ENGINES)})")
+        return kind
 
     @property
     def ranks_per_instance(self) -> int:

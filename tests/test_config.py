@@ -70,6 +70,28 @@ def test_overrides_and_relative_paths(tmp_path):
 
 
 def test_trtllm_ranks_per_gpu(tmp_path):
+    """The planned TensorRT-LLM layout (one rank per GPU), on a config built past the refusal below."""
+    from slurmserve.config import EngineConfig
     f = tmp_path / "c.yaml"
-    f.write_text("model: {path: m}\nengine: {kind: trtllm, tensor_parallel_size: 4}\npools: {workers: 2}\n")
-    assert load_config(f).world_size == 1 + 2 * 4
+    f.write_text("model: {path: m}\nengine: {kind: vllm, tensor_parallel_size: 4}\npools: {workers: 2}\n")
+    cfg = load_config(f)
+    cfg.engine = EngineConfig.model_construct(**{**dict(cfg.engine), "kind": "trtllm"})
+    assert cfg.world_size == 1 + 2 * 4
+
+
+def test_engine_this_build_cannot_run_is_refused(tmp_path):
+    """engine.kind=trtllm is in the schema (its layout is planned) but no rank can run it: refused
+    with its key path by `config validate`, and by every command that loads the config, before
+    anything starts or is submitted."""
+    f = tmp_path / "c.yaml"
+    f.write_text(f"model: {{path: {tmp_path}}}\npools: {{workers: 1}}\nlog_dir: {tmp_path / 'logs'}\n")
+    r = validate(str(f), "--set", "engine.kind=trtllm")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
+    assert "engine.kind: 'trtllm' is not available in this build (available: sim, vllm)" in r.stderr, r.stderr
+    with pytest.raises(ConfigError, match="engine.kind: 'trtllm' is not available"):
+        load_config(f, ["engine.kind=trtllm"])
+    r = subprocess.run([sys.executable, "-m", "slurmserve", "serve", str(f), "--set", "engine.kind=trtllm"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "engine.kind: 'trtllm' is not available" in r.stderr, r.stderr
+    assert not (tmp_path / "logs").exists()          # nothing started
+    assert load_config(f, ["engine.kind=vllm"]).engine.kind == "vllm"

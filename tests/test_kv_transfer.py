@@ -12,6 +12,7 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,6 +319,7 @@ def test_sim_decode_pulls_verifies_and_falls_back_to_local_prefill(model_dir):
             deltas, toks = await _run(dec, "d1", prompt, 12, kv)
             assert toks == expect and deltas[0].num_cached_tokens == 150
             assert (dec.kv_transfers_verified, dec.kv_transfers_failed) == (1, 0)
+            assert dec.load().external_kv_tokens == 150          # the pulled prompt tokens
             assert peer.call("held", True) == 0                   # the READ's notification released them
 
             # the prefill process dies while the pull is in flight: local prefill, same tokens
@@ -333,6 +335,7 @@ def test_sim_decode_pulls_verifies_and_falls_back_to_local_prefill(model_dir):
             deltas, toks = await task
             assert toks == expect2 and deltas[0].num_cached_tokens == 0
             assert (dec.kv_transfers_verified, dec.kv_transfers_failed) == (1, 1)
+            assert dec.load().external_kv_tokens == 150          # a failed pull delivered nothing
 
             restarted = Peer(_sim_prefill_main, model_dir, "nixl", port, pk)
             try:
@@ -343,6 +346,7 @@ def test_sim_decode_pulls_verifies_and_falls_back_to_local_prefill(model_dir):
                 kv4 = restarted.call("prefill", "p4", prompt)
                 _, toks = await _run(dec, "d4", prompt2, 12, kv4)
                 assert toks == expect2 and (dec.kv_transfers_verified, dec.kv_transfers_failed) == (2, 2)
+                assert dec.load().external_kv_tokens == 150 + 4   # d2's local prefill cached 96 of 100
             finally:
                 restarted.stop()
         finally:
@@ -398,15 +402,70 @@ def test_disaggregated_deployment_moves_and_verifies_real_kv(backend, aggregated
         got = _answers(dep)
         assert all(r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens for r in got)
         assert metric(dep.metrics(), "slurmserve:disagg_requests_total", path="remote_prefill") == 4
+        # the decode instance's heartbeats count every prompt token it received (no two prompts
+        # share a block, so none was in its own cache); the prefill instance received none
+        roles = {i["role"]: str(i["index"]) for i in dep.info["instances"]}
+
+        def external(role):
+            return metric(dep.metrics(), "slurmserve:instance_prompt_tokens_external_total",
+                          instance=roles[role], role=role)
+        sent = sum(r.usage.prompt_tokens for r in got)
+        deadline = time.time() + 5
+        while external("decode") < sent and time.time() < deadline:
+            time.sleep(0.1)
+        assert (external("decode"), external("prefill")) == (sent, 0)
+        loaded = {i["index"] + 1: heavy_libraries(i["pid"]) for i in dep.info["instances"]}
     finally:
         assert dep.stop() == 0, dep.output()
         dep.kill()
     assert [r.choices[0].text for r in got] == aggregated_texts
     logs = {p.name: p.read_text() for p in (dep.dir / "logs").glob("rank-*.log")}
     assert f"KV transfer: {backend} backend" in logs["rank-2.log"]
+    # NIXL only where it moves the KV, and never torch (and with it triton's nanobind "leaked"
+    # lines at exit): the engine ranks load what they need and no more
+    want = {"nixl"} if backend == "nixl" else set()
+    assert loaded == {i: want for i in (1, 2)}, loaded
     m = re.search(r"KV transfers: (\d+) verified, (\d+) failed", logs["rank-2.log"])
     assert m and m.groups() == ("4", "0"), logs["rank-2.log"][-3000:]
     assert "'exports_done': 4" in logs["rank-1.log"], logs["rank-1.log"][-3000:]
+
+
+def heavy_libraries(pid: int) -> set[str]:
+    """Which of nixl, torch and triton a running process has loaded."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {name for name in ("nixl", "torch", "triton") if f"/lib{name}" in maps}
+
+
+def _import_probe(conn, what: str) -> None:
+    """Start what a rank starts, then report the heavy modules it imported."""
+    import sys
+
+    async def aggregated():
+        from slurmserve.config import DeploymentConfig
+        from slurmserve.runtime.engine import EngineContext, create_engine
+        cfg = DeploymentConfig.model_validate({"model": {"path": "/nonexistent"}, "engine": {"kind": "sim"}})
+        engine = create_engine(cfg, EngineContext(0, "worker", "127.0.0.1", "", 0,
+                                                  extra={"kv_side_channel_keys": keypair()}))
+        await engine.start()
+        await engine.stop()
+
+    if what == "aggregated":
+        asyncio.run(aggregated())
+    else:
+        with create_kv_transfer(what, name="x", host="127.0.0.1", port=0, num_blocks=2, block_bytes=64,
+                                curve_keys=keypair(), peer_keys={}) as t:
+            assert t.backend == "nixl"
+    conn.send(sorted(m for m in ("nixl", "torch", "triton") if m in sys.modules))
+
+
+@pytest.mark.parametrize("what,imported", [("aggregated", []), ("nixl", ["nixl"]), ("auto", ["nixl"])])
+def test_nixl_and_torch_only_where_needed(what, imported):
+    """An aggregated sim rank imports neither NIXL nor torch; a host-memory NIXL transfer imports
+    NIXL but not torch (nixl's own import would pull a CPU torch in only to learn it has no CUDA)."""
+    peer = Peer(_import_probe, what)
+    assert peer.port == imported      # the first message is the probe's answer
+    peer.proc.join(30)
+    assert peer.proc.exitcode == 0
 
 
 def _auto_backend_without_nixl(conn) -> None:

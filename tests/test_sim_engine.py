@@ -422,6 +422,14 @@ def test_prefill_only_then_remote_decode(model_dir):
             _, a_toks = await collect(agg, "a", prompt, params(16))
             assert d_toks == a_toks and toks == a_toks[:1]
             assert dec.steps == 16                # no prefill step on the decode instance
+            # the decode instance reports the prompt tokens it got from the prefill instance (the
+            # head's instance_prompt_tokens_external_total); a repeat finds them in its own cache
+            assert (dec.load().external_kv_tokens, pre.load().external_kv_tokens) == (80, 0)
+            assert agg.load().external_kv_tokens == 0
+            longer = prompt + list(range(400, 424))                     # 104 tokens, 80 cached
+            kv2 = (await collect(pre, "p2", longer, params(16, min_tokens=0), kv_req))[0][-1].kv_transfer_params
+            await collect(dec, "d2", longer, params(4), kv2)
+            assert dec.load().external_kv_tokens == 80 + 24
         finally:
             await ev.sub.aclose()
             for e in (pre, dec, agg):
