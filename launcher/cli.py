@@ -43,6 +43,12 @@ def cmd_serve(args) -> int:
     if not cfg.model.path.is_dir():
         raise ConfigError(f"model.path: {cfg.model.path} is not a directory "
                           f"(create the demo model with `slurmserve model make-tiny {cfg.model.path}`)")
+    if cfg.api_key_file is not None:   # at once, not after every rank has started
+        from slurmserve.router.head import HeadError, read_api_key_file
+        try:
+            read_api_key_file(cfg.api_key_file)
+        except HeadError as e:
+            raise ConfigError(str(e)) from None
     return serve(cfg, args.config, args.overrides)
 
 

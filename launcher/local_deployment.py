@@ -67,9 +67,14 @@ class LocalDeployment:
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
 
-    def start(self, timeout: float = 120) -> LocalDeployment:
+    def launch(self) -> LocalDeployment:
+        """Start `slurmserve serve` without waiting for it (`start` waits until it serves)."""
         self.proc = subprocess.Popen([sys.executable, "-m", "slurmserve", "serve", str(self.config_path)],
                                      stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    def start(self, timeout: float = 120) -> LocalDeployment:
+        self.launch()
         endpoint = self.dir / "logs" / "endpoint.json"
         deadline = time.time() + timeout
         while time.time() < deadline:

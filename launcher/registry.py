@@ -11,6 +11,8 @@ Who writes what:
 - the head (`HeadRegistration`): endpoint, API key and `starting` once it listens; `ready` once every
   engine instance is up; `draining` on SIGUSR2/SIGTERM; finally `exited`, or `starting` again when
   it requeues the job after a preemption warning.
+  If the deployment cannot serve (an engine or the head failed to start, a pool lost every
+  instance), the head records `failed` with the reason in `error` instead, and the job ends.
 - `slurmserve stop`: `stop_requested` (so the head's drain does not requeue), and `exited` at the end.
 """
 
@@ -31,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("starting", "ready", "draining", "exited")
+STATUSES = ("starting", "ready", "draining", "exited", "failed")
 
 # Every field an entry has; `write_entry` fills in the missing ones.
 FIELDS: dict[str, Any] = {
@@ -57,6 +59,8 @@ FIELDS: dict[str, Any] = {
     "requeue": None,           # "scontrol" | "submitit" | None: what the head does on a preemption warning
     "stop_requested": False,
     "drain_signal": None,
+    "error": None,             # status `failed`: why, in one line (the exception, the rank, its log)
+    "cut_requests": None,      # requests still running when the last drain's grace ran out
     "updated": None,
 }
 
@@ -226,7 +230,8 @@ class HeadRegistration:
             api_key=api_key, model=cfg.model.served_name, log_dir=str(cfg.log_dir),
             pools=cfg.pools.model_dump(exclude_none=True), world_size=cfg.world_size,
             started=info.get("started", time.time()), head_node=socket.gethostname(),
-            drain_signal=None, stop_requested=bool(existing and existing.get("stop_requested")),
+            drain_signal=None, error=None, cut_requests=None,
+            stop_requested=bool(existing and existing.get("stop_requested")),
             requeue=self.requeue)
         if existing is None:
             fields["launcher"] = "srun"
@@ -249,13 +254,17 @@ class HeadRegistration:
         name = _signal.Signals(signum).name if signum else None
         self._safe(status="draining", drain_signal=name)
 
-    def finished(self, preempted: bool) -> bool:
+    def failed(self, error: str) -> None:
+        """The deployment cannot serve; `error` says why in one line. The job is ending."""
+        self._safe(status="failed", error=error)
+
+    def finished(self, preempted: bool, cut_requests: int = 0) -> bool:
         """The head is done. After a preemption warning (SIGUSR2) that no `slurmserve stop` asked for,
         with requeue enabled: the entry goes back to `starting` and (for requeue=scontrol) the job is
         requeued here. Returns True when the job is to be requeued."""
         entry = read_entry(self.job_id) or {}
         if preempted and self.requeue and not entry.get("stop_requested"):
-            self._safe(status="starting", host=None, port=None, url=None,
+            self._safe(status="starting", host=None, port=None, url=None, cut_requests=cut_requests,
                        restarts=int(entry.get("restarts") or 0) + 1)
             if self.requeue == "scontrol":
                 try:
@@ -271,5 +280,5 @@ class HeadRegistration:
                     return False
                 log.info("requeued job %s", self.job_id)
             return True
-        self._safe(status="exited")
+        self._safe(status="exited", cut_requests=cut_requests)
         return False

@@ -80,7 +80,7 @@ def job_status(job_id: str, with_secret: bool = False) -> dict:
     entry = _endpoint_fallback(_entry(job_id))
     st = job_state(job_id)
     status = entry.get("status")
-    if st.ended and status != "exited":
+    if st.ended and status not in ("exited", "failed"):
         status = "exited"              # the head did not get to say so (killed, node failure)
     ready = status == "ready"
     if not ready and st.state == "RUNNING" and status == "starting" and entry.get("endpoint_source"):
@@ -109,6 +109,8 @@ def wait_ready(job_id: str, timeout: float | None = None, poll_s: float = 0.5) -
         info = job_status(job_id)
         if info["ready"]:
             return info
+        if info["status"] == "failed":     # the head said why; the job is ending
+            raise SlurmError(f"job {job_id} failed: {info.get('error') or 'see `slurmserve logs ' + job_id + '`'}")
         if info["slurm_state"] not in ("UNKNOWN",) and info["slurm_state"] not in _ACTIVE():
             raise SlurmError(f"job {job_id} ended ({info['slurm_state']}) before it was ready; see "
                              f"`slurmserve logs {job_id}`")
@@ -132,7 +134,7 @@ def stop_job(job_id: str, grace_s: float | None = None, say=lambda msg: None) ->
     entry = _entry(job_id)
     st = job_state(job_id)
     if st.ended or st.state == "UNKNOWN":
-        registry.update_status(job_id, "exited")
+        _mark_exited(job_id)
         return f"job {job_id} had already ended ({st.state})"
     registry.write_entry(job_id, stop_requested=True)
     how = "cancelled"
@@ -164,8 +166,18 @@ def stop_job(job_id: str, grace_s: float | None = None, say=lambda msg: None) ->
         time.sleep(0.25)
     else:
         raise SlurmError(f"job {job_id} is still {st.state} 120 s after scancel")
-    registry.update_status(job_id, "exited")
+    _mark_exited(job_id)
+    # the head counts the requests its drain (or scancel's SIGTERM) ended before they were done
+    cut = int((registry.read_entry(job_id) or {}).get("cut_requests") or 0)
+    if cut:
+        how += f"; {cut} request(s) still running were cut"
     return f"job {job_id} stopped ({how}; Slurm: {st.state})"
+
+
+def _mark_exited(job_id: str) -> None:
+    """`exited`, unless the head recorded that the job failed: that stays, with its reason."""
+    if (registry.read_entry(job_id) or {}).get("status") != "failed":
+        registry.update_status(job_id, "exited")
 
 
 # ---- the commands ------------------------------------------------------------------------------------
@@ -262,6 +274,9 @@ def cmd_status(args) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for r in rows:
+        if r["status"] == "failed" and r.get("error"):
+            print(f"job {r['job_id']} failed: {r['error']}")
     return 0
 
 

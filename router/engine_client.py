@@ -2,7 +2,9 @@
 
 One ROUTER socket talks to every instance's DEALER. Deltas arrive batched per engine step and are
 fanned out to per-request streams; heartbeats keep each instance in rotation, and an instance that
-misses them for `heartbeat_timeout_s` is dropped with its in-flight requests failed cleanly.
+misses them for `heartbeat_timeout_s` is dropped with its in-flight requests failed cleanly: each
+stream ends with an error delta and is marked `lost`, which the Orchestrator may answer by
+continuing the request on another instance (migration).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Instance(HeadLoad):
     address: str
     up: bool = False
     ever_up: bool = False
+    failed: str | None = None       # why it gave up before it was ever up (one line, for the user)
+    down_reason: str = ""           # why it last left rotation
     last_seen: float = 0.0
     running: int = 0
     waiting: int = 0
@@ -66,7 +70,7 @@ class DeltaStream:
     """
 
     __slots__ = ("req_id", "instance", "prefill_blocks", "held_blocks", "held_hashes", "started", "done",
-                 "_items", "_waiter", "_sink", "_dirty")
+                 "lost", "_items", "_waiter", "_sink", "_dirty")
 
     def __init__(self, req_id: str, instance: Instance, prefill_blocks: int = 0, held_blocks: int = 0,
                  held_hashes: list[int] | None = None):
@@ -77,6 +81,7 @@ class DeltaStream:
         self.held_hashes = held_hashes         # the hashes of those blocks that are full, if known
         self.started = False                   # a delta has arrived
         self.done = False                      # the last delta has been read
+        self.lost = False                      # its instance died: the request may go on elsewhere
         self._items: deque[P.Delta] = deque()
         self._waiter: asyncio.Future | None = None
         self._sink: Callable[[P.Delta], None] | None = None
@@ -140,6 +145,12 @@ class EngineClient:
         self.policies = policies
         self.metrics = metrics
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        # A rank that sends heartbeats while its engine starts and then falls silent died starting
+        # (a segfault, the OOM killer): a longer limit, since a model load can starve its loop.
+        self.startup_silence_s = max(10.0, 3 * heartbeat_timeout_s)
+        self._period = min(0.25, heartbeat_timeout_s / 4)   # of the watchdog
+        self._awake = self._tick_at = time.monotonic()      # the silence clock (see _silence_clock)
+        self.min_instances = len(instances)   # runtime.min_instances: up for the pools to be ready
         self.on_instance_down = on_instance_down
         self.streams: dict[str, DeltaStream] = {}
         self._dirty: list[DeltaStream] = []   # streams with a sink and undelivered deltas
@@ -151,6 +162,7 @@ class EngineClient:
 
     def start(self) -> None:
         self.sock = LoopSocket(self._zsock, self._on_message, frames=2, on_drained=self._flush)
+        self._awake = self._tick_at = time.monotonic()
         self._tasks = [asyncio.create_task(self._watch())]
 
     async def close(self, reason: str, grace_s: float) -> None:
@@ -171,8 +183,11 @@ class EngineClient:
         return [i for i in self.instances if i.up and i.role == role]
 
     def all_ready(self) -> bool:
-        """Every instance has come up once, and every pool still has a live instance."""
-        if not all(i.ever_up for i in self.instances):
+        """Every instance has come up once or failed to start, at least `min_instances` came up,
+        and every pool still has a live instance."""
+        if not all(i.ever_up or i.failed for i in self.instances):
+            return False
+        if sum(i.ever_up for i in self.instances) < self.min_instances:
             return False
         return all(self.pool(role) for role in {i.role for i in self.instances})
 
@@ -235,6 +250,8 @@ class EngineClient:
             self._heartbeat(inst, msg)
         elif type(msg) is P.Goodbye:
             self._drop(inst, f"instance {inst.index} left: {msg.reason}")
+        elif type(msg) is P.Failed:
+            self._fail(inst, msg.error)
 
     def _flush(self) -> None:
         """After a drain: instances whose output window we emptied may send again (told first,
@@ -252,8 +269,13 @@ class EngineClient:
             except Exception:
                 log.exception("delivering the deltas of %s failed", stream.req_id)
 
+    def _silence_clock(self) -> float:
+        """Monotonic time less the head's own stalls: since the watchdog's last tick, at most two of
+        its periods count, so a stall of the head's loop is no instance's silence."""
+        return self._awake + min(time.monotonic() - self._tick_at, 2 * self._period)
+
     def _heartbeat(self, inst: Instance, hb: P.Heartbeat) -> None:
-        inst.last_seen = time.monotonic()
+        inst.last_seen = self._silence_clock()
         load = hb.load
         inst.running, inst.waiting, inst.kv_usage = load.running, load.waiting, load.kv_usage
         inst.num_kv_blocks, inst.block_size = load.num_kv_blocks, load.block_size
@@ -266,29 +288,50 @@ class EngineClient:
             log.info("instance %d (%s) at %s is up", inst.index, inst.role, inst.address)
 
     async def _watch(self) -> None:
-        period = min(0.25, self.heartbeat_timeout_s / 4)
+        period = self._period
         ping = P.encode(P.Ping())
         while True:
             await asyncio.sleep(period)
             for inst in self.instances:   # unconnected identities are dropped by the ROUTER
                 self.sock.send_to(inst.identity, ping)
-            now = time.monotonic()
+            # A tick far later than its period: the head's loop stalled (a long callback), and the
+            # heartbeats that came meanwhile may still be unread behind this task. The stall counts
+            # as two periods at most, or one stall longer than the timeout would drop every instance.
+            mono = time.monotonic()
+            self._awake += min(mono - self._tick_at, 2 * period)
+            self._tick_at = mono
+            now = self._awake
             for inst in self.instances:
                 if inst.up and now - inst.last_seen > self.heartbeat_timeout_s:
                     self._drop(inst, f"instance {inst.index} ({inst.role}) missed heartbeats for "
                                      f"{now - inst.last_seen:.1f} s")
+                elif (not inst.ever_up and inst.failed is None and inst.last_seen
+                      and now - inst.last_seen > self.startup_silence_s):
+                    self._fail(inst, f"engine instance {inst.index} ({inst.role}) fell silent while "
+                                     f"starting: its rank died (see its log)")
+
+    def _fail(self, inst: Instance, error: str) -> None:
+        """The instance gave up: out of rotation for good; the head decides whether the job can go on."""
+        log.error("%s", error)
+        if not inst.ever_up:
+            inst.failed = error
+        self._drop(inst, error)
 
     def _drop(self, inst: Instance, reason: str) -> None:
         if not inst.up:
             return
+        inst.down_reason = reason
         log.log(logging.INFO if self.closing else logging.WARNING, "%s; taking it out of rotation", reason)
         inst.up = False
-        self.metrics.instance_up.labels(inst.index, inst.role).set(0)
+        self.metrics.instance_down(inst.index, inst.role)
         self.on_instance_down(inst.index)   # its cache is gone with it
         # its load account empties as its requests are released, the failed ones below included
         failed, inst.streams = inst.streams, {}
+        if failed:   # an instance that only hung must not go on computing them if it comes back
+            self.sock.send_to(inst.identity, P.encode(P.Abort(list(failed))))
         for req_id, stream in failed.items():
             self.streams.pop(req_id, None)
+            stream.lost = not self.closing   # the Orchestrator may continue it on another instance
             stream.push(P.Delta(req_id, [], finish_reason="error",
                                 error=f"engine instance {inst.index} failed during the request"),
                         self._dirty)

@@ -47,22 +47,30 @@ def write_private(path: Path, data: str) -> None:
     os.replace(tmp, path)
 
 
-def load_api_key(cfg: DeploymentConfig) -> str:
-    if cfg.api_key_file is not None:
-        try:
-            key = cfg.api_key_file.read_text().strip()
-        except OSError as e:
-            raise SystemExit(f"api_key_file {cfg.api_key_file}: {e.strerror}") from None
-        if not key:
-            raise SystemExit(f"api_key_file {cfg.api_key_file} is empty")
-        return key
-    key = "sk-" + secrets.token_urlsafe(32)
-    write_private(cfg.log_dir / "api_key", key + "\n")
+class HeadError(RuntimeError):
+    """The head cannot serve for a reason the user can fix, or the deployment failed; the message
+    is one line that says why (the setting, or the failed rank and its log)."""
+
+
+def read_api_key_file(path: Path) -> str:
+    """The key in a user's `api_key_file`; HeadError when it is unreadable or empty (`serve` checks
+    this before it starts anything, the head again where it runs)."""
+    try:
+        key = path.read_text().strip()
+    except OSError as e:
+        raise HeadError(f"api_key_file {path}: {e.strerror}") from None
+    if not key:
+        raise HeadError(f"api_key_file {path} is empty: put the key clients must send in it, or "
+                        f"leave api_key_file unset to have one generated")
     return key
 
 
-class HeadError(RuntimeError):
-    """The head cannot serve for a reason the user can fix; the message says which setting."""
+def load_api_key(cfg: DeploymentConfig) -> str:
+    if cfg.api_key_file is not None:
+        return read_api_key_file(cfg.api_key_file)
+    key = "sk-" + secrets.token_urlsafe(32)
+    write_private(cfg.log_dir / "api_key", key + "\n")
+    return key
 
 
 class Head:
@@ -89,6 +97,7 @@ class Head:
 
     async def run(self, world: World) -> int:
         cfg = self.cfg
+        api_key = load_api_key(cfg)
         tokenizer = Tokenizer(cfg.model.path)   # before the control loops start: it blocks for a while
         metrics = HeadMetrics(cfg.model.served_name)
         instances = [Instance(index=i, role=role, identity=f"instance-{i}".encode(), address=r.address)
@@ -98,25 +107,26 @@ class Head:
         policies = make_policies(cfg.router.policy, {i.role for i in instances}, kv_state.index, kv)
         client = EngineClient(self.sock, instances, policies, metrics, cfg.runtime.heartbeat_timeout_s,
                               on_instance_down=kv_state.forget)
+        client.min_instances = cfg.runtime.min_instances or len(instances)
         client.start()
         try:
-            return await self._serve(world, tokenizer, metrics, instances, client, kv_state)
+            return await self._serve(world, tokenizer, metrics, instances, client, kv_state, api_key)
         except Exception as e:
-            # Tell the workers to stop, or they would wait for a head that is gone.
-            await client.close(f"the head failed: {e}", grace_s=2.0)
+            if not client.closing:   # tell the workers to stop, or they would wait for a head that is gone
+                await client.close(f"the head failed: {e}", grace_s=2.0)
             raise
 
     async def _serve(self, world: World, tokenizer: Tokenizer, metrics: HeadMetrics,
-                     instances: list[Instance], client: EngineClient, kv_state: KVState) -> int:
+                     instances: list[Instance], client: EngineClient, kv_state: KVState, api_key: str) -> int:
         cfg = self.cfg
-        api_key = load_api_key(cfg)
         for inst, leader in zip(instances, world.instance_leaders(cfg)):
             if leader.endpoints.get("kv_events"):
                 key = leader.endpoints.get("kv_events_key")
                 kv_state.watch(inst.index, leader.endpoints["kv_events"], key.encode() if key else None)
         hasher = PrefixHasher(algo=str(cfg.engine.args.get("prefix_caching_hash_algo", "sha256")))
         orchestrator = Orchestrator(client, metrics, cfg.pools.disaggregated, kv_state.index, hasher,
-                                    cfg.router.disagg, cfg.router.kv.busy_threshold)
+                                    cfg.router.disagg, cfg.router.kv.busy_threshold,
+                                    migration_limit=cfg.router.migration_limit)
         app = HeadApp(orchestrator=orchestrator,
                       tokenizer=tokenizer, metrics=metrics, model_name=cfg.model.served_name,
                       max_model_len=cfg.model.max_model_len, api_key=api_key,
@@ -171,7 +181,18 @@ class Head:
             from slurmserve.router.batch_driver import BatchDriver
             batch = asyncio.create_task(BatchDriver(cfg, app, api_key, metrics.registry, client.all_ready)
                                         .run(stop, lambda: drain["grace"]))
-        await stop.wait()
+        failure = asyncio.create_task(watch_failures(client))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([failure, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if failure.done():     # the deployment cannot serve: end the job, saying why
+            stopped.cancel()
+            if batch is not None:
+                batch.cancel()
+            server.close()
+            await client.close(f"the deployment failed: {failure.result()}", grace_s=2.0)
+            await kv_state.close()
+            raise HeadError(failure.result())
+        failure.cancel()
         if ready_task is not None:
             ready_task.cancel()
         if reg is not None:
@@ -182,10 +203,42 @@ class Head:
         deadline = time.monotonic() + drain["grace"]
         while app.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        cut = app.inflight     # still running at the end of the grace: their streams are cut
+        if cut:
+            log.warning("drain: %d request(s) still running after %.0f s were cut", cut, drain["grace"])
         server.close()
         await client.close("head shutting down", grace_s=max(2.0, cfg.runtime.shutdown_grace_s))
         await kv_state.close()
         self.zctx.term()
         if reg is not None:   # exited, or requeued after a preemption warning when the job asks
-            reg.finished(preempted=drain["signal"] == signal.SIGUSR2)
+            reg.finished(preempted=drain["signal"] == signal.SIGUSR2, cut_requests=cut)
         return code
+
+
+async def watch_failures(client: EngineClient, period_s: float = 0.1) -> str:
+    """Returns, with the reason, once the deployment cannot serve: while starting, when an instance
+    failed to start and fewer than `min_instances` can still come up (or a pool has none left);
+    once serving, when a pool has had no live instance for a while (nothing restarts them; the
+    while lets instances that only missed heartbeats, say while the head stalled, come back)."""
+    roles = {i.role for i in client.instances}
+    empty_since: dict[str, float] = {}
+    patience = max(5.0, 2 * client.heartbeat_timeout_s)
+    while True:
+        await asyncio.sleep(period_s)
+        insts = client.instances
+        failed = [i for i in insts if i.failed]
+        if failed:
+            can_serve = len(insts) - len(failed)
+            dead_pool = any(all(i.failed for i in insts if i.role == r) for r in roles)
+            if can_serve < client.min_instances or dead_pool:
+                more = f" ({len(failed)} of {len(insts)} instances failed to start)" if len(failed) > 1 else ""
+                return failed[0].failed + more
+        if client.closing or not all(i.ever_up or i.failed for i in insts):
+            continue
+        now = time.monotonic()
+        for role in roles:
+            if client.pool(role):
+                empty_since.pop(role, None)
+            elif now - empty_since.setdefault(role, now) > patience:
+                last = max((i for i in insts if i.role == role), key=lambda i: i.last_seen)
+                return f"no {role} instance is left ({last.down_reason or 'all failed'})"

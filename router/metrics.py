@@ -123,10 +123,18 @@ class HeadMetrics:
                               for field, (name, doc) in _LOAD_GAUGES.items()}
         self.disagg = Counter("slurmserve:disagg_requests", "Disaggregated requests by path",
                               ["path"], registry=r)
+        self.migrations = Counter("slurmserve:request_migrations", "Times a request went on on another "
+                                  "instance after its own died or hung mid-request", registry=r)
         self.kv_events = KVEventCounts()
         r.register(self.kv_events)
         self.kv_event_gaps = Counter("slurmserve:kv_event_gaps", "KV-event sequence gaps",
                                      ["instance"], registry=r)
+
+    def instance_down(self, index: int, role: str) -> None:
+        """An instance left rotation: its gauges would otherwise keep their last heartbeat's values."""
+        self.instance_up.labels(index, role).set(0)
+        for gauge in self.instance_load.values():
+            gauge.labels(index, role).set(0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,6 +12,11 @@ Between heartbeats the head keeps its own account of each instance's load (`Engi
 a request's uncached prompt blocks count as pending prefill until its first token, and its prompt
 blocks as held KV until it finishes (a block that requests there share, once). The `kv` policy
 reads both.
+
+Migration: when the instance under a request dies or hangs, the request goes on on another live
+instance of its pool (`RequestStream`), with the prompt plus the tokens generated so far as its
+prompt and what is left of max_tokens, up to `migration_limit` times. The answer sees only more
+deltas. A disaggregated request's new leg prefills on its decode instance.
 """
 
 from __future__ import annotations
@@ -35,10 +40,54 @@ REMOTE_DECODE = {"do_remote_decode": True, "do_remote_prefill": False, "remote_e
                  "remote_block_ids": None, "remote_host": None, "remote_port": None}
 
 
+class RequestStream:
+    """One request's deltas, read with `attach(sink)` like a DeltaStream's, across the engine legs
+    that serve it: when its instance is lost mid-request, the Orchestrator sends it on to another
+    (`migrate`) and the sink gets only more deltas, with no error and no token twice.
+
+    The generated tokens are kept in one list, extended per delta (no copy of what is there); the
+    prompt + generated list that a new leg needs is built only when migrating."""
+
+    __slots__ = ("req_id", "prompt", "params", "session", "interval", "role", "leg", "generated",
+                 "migrations", "_orch", "_sink")
+
+    def __init__(self, orch: Orchestrator, req_id: str, prompt: list[int], params: P.SamplingParams,
+                 session: bytes | None, interval: int, role: str, leg: DeltaStream):
+        self.req_id = req_id
+        self.prompt = prompt
+        self.params = params
+        self.session = session
+        self.interval = interval
+        self.role = role
+        self.leg = leg                       # the engine request now serving it
+        self.generated: list[int] = []       # tokens passed to the sink so far
+        self.migrations = 0
+        self._orch = orch
+        self._sink = None
+
+    def attach(self, sink) -> None:
+        self._sink = sink
+        self.leg.attach(self._feed)
+
+    def _feed(self, delta: P.Delta) -> None:
+        finish = delta.finish_reason
+        if finish is None:
+            self.generated += delta.token_ids
+        elif finish == "error" and self.leg.lost:
+            tokens = delta.token_ids
+            self.generated += tokens
+            if self._orch.migrate(self):
+                if tokens:   # what came before the loss; the rest comes from the new leg
+                    self._sink(P.Delta(self.req_id, tokens, num_prompt_tokens=delta.num_prompt_tokens,
+                                       num_cached_tokens=delta.num_cached_tokens))
+                return
+        self._sink(delta)
+
+
 class Orchestrator:
     def __init__(self, client: EngineClient, metrics: HeadMetrics, disaggregated: bool,
                  kv_index=None, hasher: PrefixHasher | None = None, disagg: DisaggConfig | None = None,
-                 busy_threshold: float = 0.95, prefill_timeout_s: float = 30.0):
+                 busy_threshold: float = 0.95, prefill_timeout_s: float = 30.0, migration_limit: int = 3):
         self.client = client
         self.metrics = metrics
         self.disaggregated = disaggregated
@@ -47,36 +96,74 @@ class Orchestrator:
         self.disagg = disagg or DisaggConfig()
         self.busy_threshold = busy_threshold
         self.prefill_timeout_s = prefill_timeout_s
+        self.migration_limit = migration_limit   # per request; 0: a lost instance fails its requests
         self.sessions: dict[bytes, Instance] = {}   # session affinity, least recently used first
 
     def ready(self) -> bool:
         return self.client.all_ready()
 
     async def start(self, req_id: str, prompt: list[int], params: P.SamplingParams,
-                    session: bytes | None = None, interval: int = 1) -> DeltaStream:
+                    session: bytes | None = None, interval: int = 1) -> RequestStream:
         """Route the request and send it to an engine; its deltas come on the returned stream, which
         the caller must `release`. Raises NoInstanceError if no engine can take it. Requests of one
         `session` (a client-chosen id) stay on one instance while it lives. After the first delta,
         the next comes once `interval` tokens have queued up, or at the end."""
         route = Route(prompt, self.hasher)
         kv_params = None
-        if self.disaggregated:
-            inst = self._choose("decode", route, session)
-            uncached = self._uncached_blocks(route, inst)
-            if self._remote_prefill_pays(route, inst, uncached):
-                kv_params = await self._prefill(req_id, prompt, params, route)
-        else:
-            inst = self._choose("worker", route, session)
-            uncached = route.prompt_blocks(inst.block_size) - route.overlap_blocks
+        role = "decode" if self.disaggregated else "worker"
+        inst = self._choose(role, route, session)
+        uncached = self._uncached_blocks(role, route, inst)
+        if self.disaggregated and self._remote_prefill_pays(route, inst, uncached):
+            kv_params = await self._prefill(req_id, prompt, params, route)
+            if not inst.up:   # it died while the prefill leg ran: another one pulls the KV
+                inst = self._choose(role, route, session)
+                uncached = self._uncached_blocks(role, route, inst)
         if kv_params is not None:
             uncached = 0     # the decode instance only pulls KV; it computes nothing
-        bs = inst.block_size
-        return self.client.submit(inst, req_id, prompt, params, kv_params, interval, prefill_blocks=uncached,
-                                  held_blocks=route.prompt_blocks(bs), held_hashes=route.known_hashes(bs))
+        leg = self._submit(inst, req_id, route, params, kv_params, interval, uncached)
+        return RequestStream(self, req_id, prompt, params, session, interval, role, leg)
 
-    def release(self, stream: DeltaStream) -> None:
+    def release(self, stream: RequestStream) -> None:
         """The request is over for its client: forget it, and abort it if the engine still runs it."""
-        self.client.release(stream)
+        self.client.release(stream.leg)
+
+    def migrate(self, stream: RequestStream) -> bool:
+        """Its instance was lost: send the request on to another live instance of its pool, with the
+        prompt plus the tokens generated so far as the prompt, the rest of max_tokens and min_tokens,
+        and the same seed. False (it ends with the error) past `migration_limit` or with no
+        instance left."""
+        lost = stream.leg.instance.index
+        n_out = len(stream.generated)
+        params = stream.params
+        if stream.migrations >= self.migration_limit or n_out >= params.max_tokens:
+            log.warning("request %s lost instance %d after %d tokens; not migrated (%d migrations, limit %d)",
+                        stream.req_id, lost, n_out, stream.migrations, self.migration_limit)
+            return False
+        route = Route(stream.prompt + stream.generated, self.hasher)
+        try:
+            inst = self._choose(stream.role, route, stream.session)
+        except NoInstanceError:
+            log.warning("request %s lost instance %d after %d tokens; no %s instance is left to take it",
+                        stream.req_id, lost, n_out, stream.role)
+            return False
+        self.client.release(stream.leg)   # its share of the lost instance's load account
+        stream.migrations += 1
+        leg_params = msgspec.structs.replace(params, max_tokens=params.max_tokens - n_out,
+                                             min_tokens=max(0, params.min_tokens - n_out))
+        stream.leg = self._submit(inst, f"{stream.req_id}-m{stream.migrations}", route, leg_params, None,
+                                  stream.interval, self._uncached_blocks(stream.role, route, inst))
+        stream.leg.attach(stream._feed)
+        self.metrics.migrations.inc()
+        log.info("request %s lost instance %d after %d tokens; continued on instance %d", stream.req_id,
+                 lost, n_out, inst.index)
+        return True
+
+    def _submit(self, inst: Instance, req_id: str, route: Route, params: P.SamplingParams,
+                kv_params: dict | None, interval: int, uncached: int) -> DeltaStream:
+        bs = inst.block_size
+        return self.client.submit(inst, req_id, route.prompt_token_ids, params, kv_params, interval,
+                                  prefill_blocks=uncached, held_blocks=route.prompt_blocks(bs),
+                                  held_hashes=route.known_hashes(bs))
 
     def _choose(self, role: str, route: Route, session: bytes | None) -> Instance:
         if session is None:
@@ -90,9 +177,12 @@ class Orchestrator:
             del sessions[next(iter(sessions))]
         return inst
 
-    def _uncached_blocks(self, route: Route, inst: Instance) -> int:
-        """Prompt blocks `inst` would have to compute itself, by the fleet KV index."""
+    def _uncached_blocks(self, role: str, route: Route, inst: Instance) -> int:
+        """Prompt blocks `inst` would have to compute itself: by the overlap its policy found, or
+        for a decode instance (chosen by load) by the fleet KV index."""
         blocks = route.prompt_blocks(inst.block_size)
+        if role != "decode":
+            return blocks - route.overlap_blocks
         if self.kv_index is None or not inst.block_size:
             return blocks
         return blocks - self.kv_index.overlap(route.hashes(inst.block_size), [inst.index])[inst.index]

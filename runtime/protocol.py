@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class SamplingParams(msgspec.Struct, gc=False, omit_defaults=True, forbid_unknown_fields=True):
@@ -134,8 +134,15 @@ class Goodbye(msgspec.Struct, gc=False, tag=True):
     reason: str = ""
 
 
+class Failed(msgspec.Struct, gc=False, tag=True):
+    """The instance gave up (its engine failed to start, or its loop failed) and its rank is exiting.
+    `error` is one line for the user: the exception, the rank and its log file."""
+    instance: int
+    error: str
+
+
 ToWorker = Generate | Abort | Shutdown | Ping | Consumed
-ToHead = StepOutputs | Heartbeat | Goodbye
+ToHead = StepOutputs | Heartbeat | Goodbye | Failed
 
 _enc = msgspec.msgpack.Encoder()
 encode = _enc.encode

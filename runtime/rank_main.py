@@ -22,6 +22,8 @@ from slurmserve.runtime.worker import Worker
 log = logging.getLogger("slurmserve.rank")
 
 HEAD_EXIT_FILE = "head_exit_code"
+HEAD_ERROR_FILE = "head_error"      # one line: why the deployment failed (for `slurmserve serve`)
+KV_DIR_PREFIX = "slurmserve-kv-"
 
 
 def _setup_logging(rank: int, role: str, cfg: DeploymentConfig) -> None:
@@ -67,19 +69,69 @@ def run_rank(cfg: DeploymentConfig) -> int:
     p = world.placement
     _setup_logging(p.rank, p.role, cfg)
     if p.is_head:
-        from slurmserve.router.head import Head, HeadError
-        zctx, sock, _ = head_sock["zmq"]
-        code = 1   # on failure the head has told the workers to stop, so the job ends
+        code = _run_head(cfg, world, *head_sock["zmq"][:2])
+    else:
         try:
-            code = uvloop.run(Head(cfg, zctx, sock).run(world))
-        except HeadError as e:     # a user's mistake (say, the port is taken): no traceback
-            log.error("%s", e)
+            code = uvloop.run(_run_engine_rank(cfg, world, kv_curve.get("keys"), kv_curve.get("side_channel")))
         except Exception:
-            log.exception("the head failed")
-        # mpirun in recovery mode exits 0 whatever the ranks did; `slurmserve serve` reads this.
-        (cfg.log_dir / HEAD_EXIT_FILE).write_text(f"{code}\n")
-        return code
-    return uvloop.run(_run_engine_rank(cfg, world, kv_curve.get("keys"), kv_curve.get("side_channel")))
+            log.exception("engine rank %d failed", p.rank)
+            code = 1
+    if code:
+        # A rank that failed must end now, so the job does: engine libraries may leave threads and
+        # child processes behind that would keep the interpreter from exiting.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run_head(cfg: DeploymentConfig, world: World, zctx, sock) -> int:
+    from slurmserve.launcher.registry import HeadRegistration
+    from slurmserve.router.head import Head, HeadError
+
+    code, error = 1, None   # on failure the head has told the workers to stop, so the job ends
+    try:
+        code = uvloop.run(Head(cfg, zctx, sock).run(world))
+    except HeadError as e:     # a user's mistake (the port is taken), or the deployment failed
+        error = str(e)
+        log.error("%s", e)
+    except Exception as e:
+        error = f"the head failed: {type(e).__name__}: {e} (log: {cfg.log_dir / 'rank-0.log'})"
+        log.exception("the head failed")
+    # mpirun in recovery mode exits 0 whatever the ranks did; `slurmserve serve` reads this.
+    (cfg.log_dir / HEAD_EXIT_FILE).write_text(f"{code}\n")
+    if error is not None:
+        (cfg.log_dir / HEAD_ERROR_FILE).write_text(error.splitlines()[0] + "\n")
+        reg = HeadRegistration.from_env(cfg)
+        if reg is not None:
+            reg.failed(error.splitlines()[0])
+    return code
+
+
+def kv_private_dir(tmp: str | None = None) -> str:
+    """A new 0700 directory for this rank's ipc:// KV-event socket, named with its pid. Directories
+    that a killed rank of this user left behind (their pid has gone) are removed first."""
+    tmp = tmp or tempfile.gettempdir()
+    uid = os.getuid()
+    for d in Path(tmp).glob(f"{KV_DIR_PREFIX}*"):
+        pid = d.name[len(KV_DIR_PREFIX):].partition("-")[0]
+        try:
+            if d.stat().st_uid != uid or not pid.isdigit() or _alive(int(pid)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{KV_DIR_PREFIX}{os.getpid()}-", dir=tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 async def _run_engine_rank(cfg: DeploymentConfig, world: World, kv_curve_keys, side_channel_keys=None) -> int:
@@ -89,28 +141,29 @@ async def _run_engine_rank(cfg: DeploymentConfig, world: World, kv_curve_keys, s
         raise NotImplementedError("multi-rank engine instances arrive with the TensorRT-LLM engine")
     # The engine publishes KV events where only this user can connect; the relay re-publishes them
     # on the job's network to CURVE clients (kvfabric/relay.py says why).
-    private = tempfile.mkdtemp(prefix="slurmserve-kv-")   # mode 0700
-    local_events = f"ipc://{private}/events"
-    relay = KVEventRelay(local_events, me.endpoints["kv_events"], kv_curve_keys)
-    ctx = EngineContext(instance=p.instance, role=p.role, host=me.address,
-                        kv_events_endpoint=local_events,
-                        kv_side_channel_port=int(me.endpoints.get("kv_side_channel_port", 0)),
-                        comm=world.instance_comm)
-    if side_channel_keys is not None:
-        ctx.extra["kv_side_channel_keys"] = side_channel_keys
-        ctx.extra["kv_peer_keys"] = {f"{r.address}:{r.endpoints['kv_side_channel_port']}":
-                                     r.endpoints["kv_side_channel_key"]
-                                     for r in world.ranks if "kv_side_channel_key" in r.endpoints}
-    # SIGUSR2 is for the head (it drains and then shuts the workers down); a worker only
-    # keeps serving until told. SIGTERM/SIGINT stop it directly (handled in Worker.run).
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    engine = create_engine(cfg, ctx)
-    worker = Worker(engine, world.head.endpoints["control"], world.head.endpoints["control_key"].encode(),
-                    p.instance, cfg.runtime.heartbeat_interval_s,
-                    head_timeout_s=max(5.0, 3 * cfg.runtime.heartbeat_timeout_s))
+    private = kv_private_dir()
+    relay = None
     try:
-        await worker.run()
+        local_events = f"ipc://{private}/events"
+        relay = KVEventRelay(local_events, me.endpoints["kv_events"], kv_curve_keys)
+        ctx = EngineContext(instance=p.instance, role=p.role, host=me.address,
+                            kv_events_endpoint=local_events,
+                            kv_side_channel_port=int(me.endpoints.get("kv_side_channel_port", 0)),
+                            comm=world.instance_comm)
+        if side_channel_keys is not None:
+            ctx.extra["kv_side_channel_keys"] = side_channel_keys
+            ctx.extra["kv_peer_keys"] = {f"{r.address}:{r.endpoints['kv_side_channel_port']}":
+                                         r.endpoints["kv_side_channel_key"]
+                                         for r in world.ranks if "kv_side_channel_key" in r.endpoints}
+        # SIGUSR2 is for the head (it drains and then shuts the workers down); a worker only
+        # keeps serving until told. SIGTERM/SIGINT stop it directly (handled in Worker.run).
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        worker = Worker(lambda: create_engine(cfg, ctx), world.head.endpoints["control"],
+                        world.head.endpoints["control_key"].encode(), p.instance,
+                        cfg.runtime.heartbeat_interval_s, head_timeout_s=cfg.runtime.head_timeout_s,
+                        rank=p.rank, log_path=str(cfg.log_dir / f"rank-{p.rank}.log"))
+        return await worker.run()
     finally:
-        relay.close()
+        if relay is not None:
+            relay.close()
         shutil.rmtree(private, ignore_errors=True)
-    return 0

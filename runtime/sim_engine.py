@@ -250,6 +250,8 @@ class SimEngine(Engine):
     # ---- Engine interface -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.sim.load_time_s:
+            await asyncio.sleep(self.sim.load_time_s)
         if self.ctx.kv_events_endpoint:
             self.publisher = KVEventPublisher(self.ctx.kv_events_endpoint, KV_EVENTS_TOPIC)
         keys = self.ctx.extra.get("kv_side_channel_keys")

@@ -16,8 +16,10 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 
 import zmq
+import zmq.utils.monitor
 
 from slurmserve.runtime import protocol as P
 from slurmserve.runtime.engine import Engine, EngineRequest
@@ -26,17 +28,30 @@ from slurmserve.runtime.zmq_loop import LoopSocket
 log = logging.getLogger(__name__)
 
 
+class HeadGone(Exception):
+    """The head's process is gone (its connection closed or was refused) or silent for too long."""
+
+
 class Worker:
-    def __init__(self, engine: Engine, head_endpoint: str, head_key: bytes, instance: int,
-                 heartbeat_interval_s: float, head_timeout_s: float):
-        self.engine = engine
+    def __init__(self, create_engine: Callable[[], Engine], head_endpoint: str, head_key: bytes,
+                 instance: int, heartbeat_interval_s: float, head_timeout_s: float, rank: int | None = None,
+                 log_path: str | None = None):
+        """`create_engine()` builds the engine once the worker is connected, so that a failure to
+        build or start it reaches the head (`Failed`) instead of leaving the job waiting; that
+        message names the `rank` and its `log_path`."""
+        self.create_engine = create_engine
+        self.engine: Engine | None = None
+        self.started = False      # the engine is serving
         self.instance = instance
+        self.rank = rank
+        self.log_path = log_path
         self.heartbeat_interval_s = heartbeat_interval_s
+        # A head whose process is gone is noticed by its connection (below) within seconds; this
+        # silence limit is only for a head that is alive but unreachable (a hung node), so it is long
+        # enough that a head which stalls for a while (a huge request, a swap storm) is never left.
         self.head_timeout_s = head_timeout_s
-        # The silence clock starts at the head's first message, or gives up waiting for one after
-        # a startup allowance (a head that died before its first ping must not leave us running).
         self.head_seen: float | None = None
-        self.first_contact_timeout_s = max(60.0, 10 * head_timeout_s)
+        self.gave_up: str | None = None     # why the worker left a head that did not tell it to
         self.ctx = zmq.Context()
         self._zsock = self.ctx.socket(zmq.DEALER)
         self._zsock.setsockopt(zmq.IDENTITY, f"instance-{instance}".encode())
@@ -45,6 +60,13 @@ class Worker:
         self._zsock.setsockopt(zmq.LINGER, 0)
         self._zsock.setsockopt(zmq.SNDHWM, 0)   # outputs are never dropped for lack of room
         self._zsock.setsockopt(zmq.RCVHWM, 0)
+        # ZMTP heartbeats are answered by the head's ZeroMQ I/O thread, not its Python loop: they
+        # tell a dead or unreachable head from one whose loop is merely busy.
+        self._zsock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self._zsock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10_000)
+        self._monitor = self._zsock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        self.connected = False
         self._zsock.connect(head_endpoint)
         self.sock: LoopSocket | None = None
         self.tasks: dict[str, asyncio.Task] = {}
@@ -97,23 +119,44 @@ class Worker:
 
     # ---- loops ----------------------------------------------------------------------------------
 
+    def _failure_line(self, e: BaseException) -> str:
+        """One line for `slurmserve status`: what failed, on which rank, and where to read more."""
+        first = (str(e).strip().splitlines() or [""])[0]
+        what = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        where = f" on rank {self.rank}" if self.rank is not None else ""
+        log_hint = f" (log: {self.log_path})" if self.log_path else ""
+        return f"engine instance {self.instance} failed to start{where}: {what}{log_hint}"
+
+    def _give_up(self, why: str) -> None:
+        if not self.stopping.is_set():
+            log.error("%s; shutting down", why)
+            self.gave_up = why
+            self.stopping.set()
+
     async def _heartbeats(self) -> None:
-        started = time.monotonic()
+        """While the engine starts, heartbeats say `ready=False`: the head then knows this rank is
+        alive, and notices when it dies before it is up."""
         while not self.stopping.is_set():
-            now = time.monotonic()
-            if self.head_seen is not None and now - self.head_seen > self.head_timeout_s:
-                log.error("no message from the head for %.0f s; shutting down", self.head_timeout_s)
-                self.stopping.set()
+            if self.head_seen is not None and time.monotonic() - self.head_seen > self.head_timeout_s:
+                self._give_up(f"no message from the head for {self.head_timeout_s:.0f} s")
                 return
-            if self.head_seen is None and now - started > self.first_contact_timeout_s:
-                log.error("the head never answered in %.0f s; shutting down", self.first_contact_timeout_s)
-                self.stopping.set()
-                return
-            self.sock.send(P.encode(P.Heartbeat(self.instance, self.engine.load())))
+            load = self.engine.load() if self.started else P.Load()
+            self.sock.send(P.encode(P.Heartbeat(self.instance, load, ready=self.started)))
             try:
                 await asyncio.wait_for(self.stopping.wait(), self.heartbeat_interval_s)
             except TimeoutError:
                 pass
+
+    def _on_monitor_event(self, *frames: bytes) -> None:
+        event = zmq.utils.monitor.parse_monitor_message(list(frames))["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.connected = True
+        elif event == zmq.EVENT_DISCONNECTED:
+            self._give_up("the head closed its connection (its process ended)")
+        elif event == zmq.EVENT_CONNECT_RETRIED and not self.connected:
+            # The head binds its port before the ranks learn it and keeps it until it exits:
+            # a refused first connection means the head has already gone.
+            self._give_up("the head's port refuses connections (the head failed to start)")
 
     def _on_message(self, payload: bytes) -> None:
         msg = P.decode_to_worker(payload)
@@ -132,21 +175,46 @@ class Worker:
             log.info("shutdown requested by the head: %s", msg.reason)
             self.stopping.set()
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Build and start the engine, serve until the head says stop (or a signal); 0 then, 1 when
+        the engine failed (the head has been told why) or the head is gone."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
-        await self.engine.start()
         self.sock = LoopSocket(self._zsock, self._on_message)
+        monitor = LoopSocket(self._monitor, self._on_monitor_event, frames=2)
         heartbeats = asyncio.create_task(self._heartbeats())
-        await self.stopping.wait()
+        code = 0
+        try:
+            self.engine = self.create_engine()
+            starting = asyncio.create_task(self.engine.start())
+            stopped = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()      # raises the engine's start failure
+                self.started = True
+                await stopped
+            else:
+                starting.cancel()
+        except Exception as e:
+            log.exception("engine instance %d failed to start", self.instance)
+            self.sock.send(P.encode(P.Failed(self.instance, self._failure_line(e))))
+            code = 1
         heartbeats.cancel()
         for req_id in list(self.tasks):
             self.engine.abort(req_id)
         if self.tasks:
             await asyncio.wait(list(self.tasks.values()), timeout=2.0)
         self._flush(force=True)
-        self.sock.send(P.encode(P.Goodbye(self.instance, "shutdown")))
-        await self.engine.stop()
+        if code == 0:
+            self.sock.send(P.encode(P.Goodbye(self.instance, self.gave_up or "shutdown")))
+        if self.engine is not None:
+            try:
+                await asyncio.wait_for(self.engine.stop(), 30.0)
+            except Exception:
+                log.exception("engine instance %d did not stop cleanly", self.instance)
+        monitor.close()
+        self._zsock.disable_monitor()
         self.sock.close(linger_ms=200)
         self.ctx.term()
+        return 1 if code or self.gave_up else 0

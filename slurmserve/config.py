@@ -28,6 +28,23 @@ class ModelConfig(_Strict):
     path: Path = Field(description="Local model directory (weights, config.json, tokenizer).")
     name: str | None = Field(None, description="Served model name; defaults to the directory name.")
     max_model_len: int = Field(4096, gt=0, description="Longest prompt + completion accepted, in tokens.")
+    stage: Literal["auto", "none", "node-local", "broadcast"] = Field(
+        "auto", description="Copy the model to each node's local disk before engines load it "
+                            "(runtime/weight_stage.py): broadcast (one reader per file, MPI fan-out), "
+                            "node-local (every node reads `path` itself), none (load from `path`). "
+                            "auto: broadcast when the job spans more than one node, else none.")
+    stage_dir: str | None = Field(
+        None, description="Node-local directory for staged copies; $VARS are expanded on each node. "
+                          "Default: $SLURMSERVE_STAGE_DIR (a site file's `setup:` can export it), "
+                          "else $TMPDIR, else /tmp.")
+
+    @field_validator("stage_dir")
+    @classmethod
+    def _absolute_stage_dir(cls, v: str | None) -> str | None:
+        # "$VAR/..." is checked on the node, once expanded; a plain relative path is a mistake now
+        if v is not None and not v.startswith(("/", "$", "~")):
+            raise ValueError(f"{v!r} must be an absolute path (or start with $VAR or ~)")
+        return v
 
     @property
     def served_name(self) -> str:
@@ -38,6 +55,8 @@ class SimConfig(_Strict):
     """Simulated engine: continuous batching over paged KV blocks with a polynomial step-time model."""
 
     speedup: float = Field(1.0, gt=0, description="Divides every step time; .inf means no sleeping.")
+    load_time_s: float = Field(0.0, ge=0, description="Seconds the engine takes to start, as a "
+                               "model load would (start-up failures and time to ready are tested so).")
     max_num_seqs: int = Field(256, gt=0)
     max_num_batched_tokens: int = Field(8192, gt=0)
     num_kv_blocks: int = Field(2048, gt=0)
@@ -148,6 +167,10 @@ class RouterConfig(_Strict):
         1, ge=1, description="vLLM's --stream-interval: a streamed response gets its first token at "
                              "once, then a chunk per this many tokens (and the last). Larger values "
                              "cost the head less per request at the price of burstier streams.")
+    migration_limit: int = Field(
+        3, ge=0, description="A request whose engine instance dies or hangs mid-request continues on "
+                             "another instance of its pool (prompt + the tokens already generated), "
+                             "at most this many times; then, or with 0, it ends with an error.")
 
 
 class RuntimeConfig(_Strict):
@@ -156,7 +179,17 @@ class RuntimeConfig(_Strict):
                           "ranks share one host, else the address the hostname resolves to.")
     heartbeat_interval_s: float = Field(0.5, gt=0, le=1.0)
     heartbeat_timeout_s: float = Field(2.0, gt=0)
+    head_timeout_s: float = Field(
+        60.0, gt=0, description="An engine rank whose head is alive but silent this long leaves it. "
+                                "A head whose process ended is noticed within seconds by its closed "
+                                "connection; this limit is for a hung node, so a head that stalls "
+                                "for a while (a huge request) is never left.")
     shutdown_grace_s: float = Field(5.0, ge=0)
+    min_instances: int | None = Field(
+        None, ge=1, description="Engine instances that must start for the deployment to serve. "
+                                "Unset: all of them; an instance that fails to start fails the job. "
+                                "Set lower to serve with a partly started pool (each pool still "
+                                "needs one live instance).")
 
 
 class BatchConfig(_Strict):
@@ -202,6 +235,10 @@ class DeploymentConfig(_Strict):
             raise ValueError(
                 f"engine.sim holds {sim.num_kv_blocks * sim.block_size} KV tokens, fewer than "
                 f"model.max_model_len={self.model.max_model_len}")
+        n = len(self.pools.instances())
+        if self.runtime.min_instances is not None and self.runtime.min_instances > n:
+            raise ValueError(f"runtime.min_instances={self.runtime.min_instances} is more than the "
+                             f"{n} engine instances the pools have")
         return self
 
 

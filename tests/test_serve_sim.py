@@ -450,7 +450,7 @@ def test_worker_killed_midstream(tiny_model_dir, tmp_path):
             killed_at = time.time()
             os.kill(victim, signal.SIGKILL)
             results = [f.result(timeout=60) for f in futures]
-        assert sorted(results) == ["error", "error", "ok", "ok"], results
+        assert results == ["ok"] * 4, results   # the killed worker's streams migrate
         while metric(dep.metrics(), "slurmserve:instance_up", instance="0") != 0:
             assert time.time() - killed_at < 3.0, "dead worker still in rotation after 3 s"
             time.sleep(0.05)

@@ -49,7 +49,7 @@ class FakeHead:
     async def start_worker(self, engine) -> asyncio.Task:
         """Run a Worker for instance 0 and wait for its first heartbeat: the ROUTER drops what
         is sent to a peer before it has connected."""
-        worker = Worker(engine, self.endpoints["control"], self.endpoints["control_key"].encode(),
+        worker = Worker(lambda: engine, self.endpoints["control"], self.endpoints["control_key"].encode(),
                         instance=0, heartbeat_interval_s=60.0, head_timeout_s=60.0)
         run = asyncio.create_task(worker.run())
         assert await self.next(P.Heartbeat) is not None
