@@ -30,11 +30,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from slurmserve.launcher import registry
 from slurmserve.router.gateway_jobs import Job, JobTable
 from slurmserve.router.gateway_upstream import Conn, UpstreamError
-from slurmserve.router.head import write_private
+from slurmserve.private_files import write_private
 from slurmserve.router.http_app import JSON, MAX_BODY_BYTES, SSE, HeadApp
 from slurmserve.router.http_server import HTTPServer, Request, Response
 from slurmserve.router.metrics import _LATENCY_BUCKETS
-from slurmserve.router.openai_api import APIError, ChunkWriter
+from slurmserve.router.openai_api import NESTED_TOO_DEEP, APIError, ChunkWriter
 
 log = logging.getLogger("slurmserve.gateway")
 
@@ -46,6 +46,19 @@ class _ModelOnly(msgspec.Struct, forbid_unknown_fields=False):
 
 
 _model_decoder = msgspec.json.Decoder(_ModelOnly)
+
+
+def model_of(body: bytes) -> str:
+    """The `model` of a request body (all the gateway reads of it); APIError 400 if it has none."""
+    try:
+        return _model_decoder.decode(body).model
+    except msgspec.ValidationError as e:
+        raise APIError(400, str(e).replace("Object missing required field", "missing field"),
+                       param="model") from None
+    except msgspec.DecodeError as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:    # (skipping an unknown field recurses too)
+        raise APIError(400, NESTED_TOO_DEEP) from None
 
 
 class GatewayMetrics:
@@ -105,13 +118,7 @@ class GatewayApp:
 
     async def proxy(self, request: Request, response: Response) -> None:
         body = request.body
-        try:
-            model = _model_decoder.decode(body).model
-        except msgspec.ValidationError as e:
-            raise APIError(400, str(e).replace("Object missing required field", "missing field"),
-                           param="model") from None
-        except msgspec.DecodeError as e:
-            raise APIError(400, f"request body is not valid JSON: {e}") from None
+        model = model_of(body)
         path = request.path.encode("latin-1")
         start = time.perf_counter()
         task = asyncio.current_task()

@@ -21,6 +21,7 @@ from pathlib import Path
 import zmq
 
 from slurmserve.config import DeploymentConfig
+from slurmserve.private_files import write_private
 from slurmserve.kvfabric.kv_index import ApproxKVIndex
 from slurmserve.router.engine_client import EngineClient, Instance
 from slurmserve.router.http_app import MAX_BODY_BYTES, HeadApp
@@ -34,17 +35,6 @@ from slurmserve.launcher.registry import HeadRegistration
 from slurmserve.runtime.bootstrap import World
 
 log = logging.getLogger(__name__)
-
-
-def write_private(path: Path, data: str) -> None:
-    """Write a file only its owner can read, in a directory only its owner can enter, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 class HeadError(RuntimeError):
@@ -140,7 +130,9 @@ class Head:
         except OSError as e:
             raise HeadError(f"router: cannot listen on {address[0]}:{address[1]}: {e.strerror}") from None
         host, port = listener.getsockname()[:2]
-        server = HTTPServer(app, max_body=MAX_BODY_BYTES, keep_alive_s=30.0)
+        server = HTTPServer(app, max_body=MAX_BODY_BYTES, keep_alive_s=30.0,
+                            read_timeout_s=cfg.router.http_read_timeout_s,
+                            max_connections_per_client=cfg.router.max_connections_per_client)
         await server.start(listener)
 
         stop = asyncio.Event()

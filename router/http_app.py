@@ -23,7 +23,7 @@ from slurmserve.router.http_server import Request, Response
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.openai_api import APIError, ChunkWriter
 from slurmserve.router.orchestrator import Orchestrator
-from slurmserve.router.tokenizer import TextStream, Tokenizer
+from slurmserve.router.tokenizer import TextStream, Tokenizer, TooLong
 from slurmserve.runtime import protocol as P
 
 log = logging.getLogger(__name__)
@@ -114,31 +114,49 @@ class HeadApp:
     async def chat_completions(self, request: Request, response: Response) -> None:
         await self._generate(request, response, chat=True)
 
-    def _prepare(self, body: bytes, chat: bool):
+    async def _prepare(self, body: bytes, chat: bool):
         req = oa.parse(body, chat)
         if req.model != self.model_name:
             raise APIError(404, f"The model `{req.model}` does not exist.", type_="NotFoundError",
                            param="model", code="model_not_found")
         oa.check_supported(req)
         stops = oa.stop_strings(req)
+        tok, limit = self.tok, self.max_model_len
+        # Template and tokenizer run off the event loop for a large body (Tokenizer.off_loop); a
+        # prompt of `limit` tokens or more comes back as its token count (_job refuses it).
         if chat:
             try:
-                prompt = self.tok.apply_chat_template(req.messages, **(req.chat_template_kwargs or {}))
-            except (ValueError, TypeError, KeyError) as e:
+                prompt = await tok.off_loop(len(body), tok.chat_prompt, req.messages, limit,
+                                            req.chat_template_kwargs or {})
+            except TooLong as e:
+                raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+            except (ValueError, TypeError, KeyError, RecursionError) as e:
                 raise APIError(400, f"messages: {e}", param="messages") from None
             return req, [self._job(req, chat, prompt, "")], stops
+        prompts = oa.completion_prompts(req, tok.vocab_size)
+        texts = [p for p in prompts if isinstance(p, str)]
+        if texts:
+            max_chars = tok.max_prompt_chars(limit)
+            longest = max(map(len, texts))
+            if max_chars is not None and longest > max_chars:   # refused before any tokenization
+                raise APIError(400, str(TooLong(longest, limit, max_chars)), param="prompt",
+                               code="context_length_exceeded")
+            encoded = iter(await tok.off_loop(sum(map(len, texts)), tok.encode_prompts, texts, limit))
         jobs = []
-        for p in oa.completion_prompts(req, self.tok.vocab_size):
-            ids = self.tok.encode(p) if isinstance(p, str) else p
-            echo = "" if not req.echo else p if isinstance(p, str) else self.tok.decode(ids)
-            jobs.append(self._job(req, chat, ids, echo))
+        for p in prompts:
+            ids, params, echo = self._job(req, chat, next(encoded) if isinstance(p, str) else p, "")
+            if req.echo:   # (after _job: token ids are decoded only for a prompt that fits)
+                echo = p if isinstance(p, str) else await tok.off_loop(len(ids), tok.decode, ids)
+            jobs.append((ids, params, echo))
         return req, jobs, stops
 
-    def _job(self, req, chat: bool, prompt: list[int], echo: str) -> tuple:
-        """(token ids, sampling params, echo) of one prompt; echo: with `echo`, its text, answered first."""
-        if not prompt:
+    def _job(self, req, chat: bool, prompt: list[int] | int, echo: str) -> tuple:
+        """(token ids, sampling params, echo) of one prompt; echo: with `echo`, its text, answered
+        first. `prompt` may be a token count alone, of a prompt too long to serve: refused here."""
+        n = prompt if isinstance(prompt, int) else len(prompt)
+        if not n:
             raise APIError(400, "the prompt has no tokens", param="prompt")
-        params = oa.sampling_params(req, len(prompt), self.max_model_len, self.tok.vocab_size,
+        params = oa.sampling_params(req, n, self.max_model_len, self.tok.vocab_size,
                                     self.tok.eos_token_id, chat)
         return prompt, params, echo
 
@@ -149,7 +167,10 @@ class HeadApp:
         if self.inflight >= self.max_concurrent:
             raise APIError(429, "too many requests in flight", type_="rate_limit_error",
                            headers={"retry-after": "1"})
-        req, jobs, stops = self._prepare(request.body, chat)
+        req, jobs, stops = await self._prepare(request.body, chat)
+        if response.disconnected:    # left while its prompt was tokenized off the loop
+            self.metrics.requests.count("abort")
+            return
         prompt, params, echo = jobs[0]
         rid = oa.new_id(chat)
         session = request.header(self.session_header) if self.session_header is not None else None
@@ -181,8 +202,9 @@ class HeadApp:
 
     async def _start(self, response: Response, rid: str, prompt: list[int], params: P.SamplingParams,
                      session, interval: int):
-        """Route and send one engine request; its DeltaStream, or None if the client left while it
-        was routed (a remote prefill leg may run meanwhile), counted as an abort."""
+        """Route and send one engine request; its RequestStream (which continues on another instance
+        if its own dies), or None if the client left while it was routed (a remote prefill leg may run
+        meanwhile), counted as an abort."""
         try:
             return await self.orch.start(rid, prompt, params, session, interval)
         except NoInstanceError as e:

@@ -10,6 +10,13 @@ Handled: keep-alive (idle connections close after `keep_alive_s`), pipelined req
 order, Content-Length and chunked request bodies up to `max_body`, `Expect: 100-continue`,
 HTTP/1.0 clients, TCP_NODELAY, client disconnects (reported to the handler). Not handled: TLS,
 upgrades (WebSocket, h2c), HTTP/2; the endpoint listens on loopback or the job's own network.
+
+Slow or hostile clients: a request head must arrive within `read_timeout_s` of its first byte,
+and a body must not stall for longer (slowloris); one client address holds at most
+`max_connections_per_client` connections. A request refused before it was read (413, a bad chunk
+size, a timeout) is answered, then the connection is closed gracefully: FIN after the answer, and
+what the client still sends is read and dropped for up to `linger_s`, because closing a socket with
+unread data sends a reset that would destroy the answer before the client reads it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+import re
+import resource
 import socket
 import time
 from collections import deque
@@ -33,6 +42,10 @@ _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _MAX_HEADER_BYTES = 64 << 10
 _MAX_PIPELINED = 16           # requests queued behind the one being answered before reading pauses
 _LAST_CHUNK = b"0\r\n\r\n"
+# A line that could be a chunk-size line (`HEX[;ext]CRLF`) of 7+ hex digits (>= 16 MiB: maybe over
+# the body limit); whether it is one, the parser tells (Connection._feed).
+_BIG_CHUNK_LINE = re.compile(rb"\n([0-9A-Fa-f]{7,})[ \t]*(?:;[^\r\n]*)?\r\n")
+_TAIL = 64   # bytes of the previous read kept for such a line cut in two
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -169,16 +182,31 @@ Handler = Callable[[Request, Response], Awaitable[None]]
 
 
 class HTTPServer:
-    def __init__(self, handler: Handler, *, max_body: int, keep_alive_s: float = 30.0):
+    """`read_timeout_s`: for a request head from its first byte, and for each pause in a body
+    (nginx's client_header_timeout / client_body_timeout; vLLM and nginx use about 60 s).
+    `max_connections_per_client`: connections one client address may hold; more are answered 429
+    and closed. The default is twice the head's default `max_concurrent_requests`, so that a
+    gateway or a load generator, which send everything from one address, meet the head's own
+    in-flight limit first; it is lowered to half the open-file limit, so that one address can never
+    take every descriptor. `linger_s`: how long a refused connection's input is drained."""
+
+    def __init__(self, handler: Handler, *, max_body: int, keep_alive_s: float = 30.0,
+                 read_timeout_s: float = 60.0, max_connections_per_client: int = 8192,
+                 linger_s: float = 5.0):
         self.handler = handler
         self.max_body = max_body
         self.keep_alive_s = keep_alive_s
+        self.read_timeout_s = read_timeout_s
+        self.max_connections_per_client = max_connections_per_client
+        self.linger_s = linger_s
         self.connections: set[_Connection] = set()
+        self.per_client: dict[str, int] = {}
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        self.max_connections_per_client = min(self.max_connections_per_client, _raise_open_files() // 2)
         self._server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=2048)
         self._sweep()
 
@@ -192,12 +220,47 @@ class HTTPServer:
             conn.transport.close()
 
     def _sweep(self) -> None:
-        """Close keep-alive connections idle for keep_alive_s; one timer for all of them."""
+        """Close keep-alive connections idle for keep_alive_s, and refuse requests that did not
+        arrive within read_timeout_s; one timer for all of them."""
         loop = asyncio.get_running_loop()
-        cutoff = loop.time() - self.keep_alive_s
-        for conn in [c for c in self.connections if c.idle_since is not None and c.idle_since < cutoff]:
-            conn.transport.close()
-        self._sweeper = loop.call_later(max(0.5, self.keep_alive_s / 4), self._sweep)
+        now = loop.time()
+        cutoff = now - self.keep_alive_s
+        for conn in list(self.connections):
+            if conn.idle_since is not None and conn.idle_since < cutoff:
+                conn.transport.close()
+            elif conn.read_deadline is not None and conn.read_deadline < now and conn.current is None:
+                conn.read_deadline = None
+                conn._fail(408, f"the request did not arrive within {self.read_timeout_s:g} s")
+        period = min(self.keep_alive_s, self.read_timeout_s) / 4
+        self._sweeper = loop.call_later(max(0.5, period), self._sweep)
+
+    def _admit(self, client: str) -> bool:
+        """Count a new connection against its client's limit; False if it is over."""
+        n = self.per_client.get(client, 0)
+        if n >= self.max_connections_per_client:
+            return False
+        self.per_client[client] = n + 1
+        return True
+
+    def _release(self, client: str) -> None:
+        n = self.per_client[client] - 1
+        if n:
+            self.per_client[client] = n
+        else:
+            del self.per_client[client]
+
+
+def _raise_open_files() -> int:
+    """Raise this process's soft limit on open files to the hard one (each connection is a file;
+    a login shell's 1024 would end the server's service long before its other limits); the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 class _Connection(asyncio.Protocol):
@@ -207,9 +270,15 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.idle_since: float | None = None
+        self.read_deadline: float | None = None   # set while a request is being read
+        self.client: str | None = None            # the peer's address, counted in server.per_client
         self.queue: deque[tuple[Request, Response]] = deque()
         self.current: Response | None = None
-        self.failed = False
+        self.failed = False                       # nothing more is read: answer, then close
+        self._failure: tuple | None = None        # (status, message, headers) still to answer
+        self._body_left = 0                       # bytes still due of a Content-Length body
+        self._tail = b""
+        self._chunk_header_last = False
         self._writable: asyncio.Future | None = None
         self._reading_paused = False
         self._url = b""
@@ -228,13 +297,22 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.connections.add(self)
         self.idle_since = self.loop.time()
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):   # (a unix socket has no address to count)
+            if not self.server._admit(peer[0]):
+                self._fail(429, f"too many connections from {peer[0]}", [(b"retry-after", b"1")])
+                return
+            self.client = peer[0]
 
     def data_received(self, data: bytes) -> None:
         if self.failed:
-            return
-        self.idle_since = None
+            return   # (lingering: read and dropped)
         try:
-            self.parser.feed_data(data)
+            if len(data) <= self._body_left:   # all of it body: nothing else to look at
+                self._tail = b""
+                self.parser.feed_data(data)
+            else:
+                self._feed(data)
         except httptools.HttpParserUpgrade:
             # (e.g. curl's `Upgrade: h2c`): the request is answered in HTTP/1.1, the rest not read
             self.failed = True
@@ -249,6 +327,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.server.connections.discard(self)
+        if self.client is not None:
+            self.server._release(self.client)
+            self.client = None
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         if self.current is not None:
@@ -272,6 +353,9 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url, self._headers, self._header_bytes = b"", [], 0
         self._body, self._body_size = [], 0
+        # (not on any byte: a client sending only blank lines stays idle, and is closed as such)
+        self.idle_since = None
+        self.read_deadline = self.loop.time() + self.server.read_timeout_s
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -290,15 +374,50 @@ class _Connection(asyncio.Protocol):
             raise httptools.HttpParserError("body too large")
         if any(k == b"expect" and v.lower() == b"100-continue" for k, v in self._headers):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._body_left = int(length) if length is not None and length.isdigit() else 0
+        self._chunk_header_last = False
+        self.read_deadline = self.loop.time() + self.server.read_timeout_s   # the body's turn
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
+        self._body_left -= len(body)
+        self._chunk_header_last = False
         if self._body_size > self.server.max_body:
             self._fail(413, f"request body exceeds {self.server.max_body >> 20} MiB")
             raise httptools.HttpParserError("body too large")
         self._body.append(body)
+        self.read_deadline = self.loop.time() + self.server.read_timeout_s
+
+    def on_chunk_header(self) -> None:
+        self._chunk_header_last = True
+
+    def _feed(self, data: bytes) -> None:
+        """Feed what may hold request heads or a chunked body, refusing a chunk whose declared size
+        is over the body limit as soon as its size line is in (the parser tells no sizes: a chunk
+        of 2^64-1 bytes would be read until the limit or the read timeout). Data is fed up to the
+        end of each line that could be such a size line; it was one if the parser's last event
+        then is a chunk header."""
+        buf = self._tail + data if self._tail else data
+        skip = len(buf) - len(data)
+        fed = 0
+        for m in _BIG_CHUNK_LINE.finditer(buf):
+            end = m.end() - skip   # where the line ends in `data`
+            if end <= fed:
+                continue
+            self._chunk_header_last = False
+            self.parser.feed_data(data[fed:end])
+            fed = end
+            size = int(m.group(1), 16)
+            if self._chunk_header_last and size > self.server.max_body - self._body_size:
+                self._fail(413, f"request body exceeds {self.server.max_body >> 20} MiB "
+                                f"(a chunk of {size} bytes)")
+                return
+        self.parser.feed_data(data[fed:] if fed else data)
+        self._tail = data[-_TAIL:]
 
     def on_message_complete(self) -> None:
+        self.read_deadline = None
+        self._body_left = 0
         url = httptools.parse_url(self._url)
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         request = Request(self.parser.get_method().decode(), url.path.decode("latin-1"), self._headers,
@@ -340,26 +459,57 @@ class _Connection(asyncio.Protocol):
         if response is not self.current:
             return
         self.current = None
-        if not response.keep_alive or self.failed:
-            self.transport.close()
+        if not response.keep_alive:
+            if self.failed:
+                self._close_gracefully()
+            else:
+                self.transport.close()
             return
         if self.queue:
             self._next()
             return
+        if self.failed:
+            if self._failure is not None:
+                self._answer_failure()
+            else:
+                self._close_gracefully()
+            return
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()
-        self.idle_since = self.loop.time()
+        if self.read_deadline is None:
+            self.idle_since = self.loop.time()
+        else:   # a request half read while we were answering: its time starts again
+            self.read_deadline = self.loop.time() + self.server.read_timeout_s
 
-    def _fail(self, status: int, message: str) -> None:
-        """A request we cannot parse or take: answer it if nothing else is being answered, then close."""
+    def _fail(self, status: int, message: str, headers: Headers = ()) -> None:
+        """A request we cannot parse or take: answered after those before it, then the connection
+        closes (gracefully: see the module's docstring)."""
         self.failed = True
-        if self.current is None and not self.queue:
-            response = Response(self, keep_alive=False)
-            self.current = response
-            response.send(status, APIError(status, message).body(), [(b"content-type", b"application/json")])
-        else:
+        self._failure = (status, message, headers)
+        if self.current is None:
+            self._answer_failure()
+
+    def _answer_failure(self) -> None:
+        status, message, headers = self._failure
+        self._failure = None
+        response = Response(self, keep_alive=False)
+        self.current = response
+        response.send(status, APIError(status, message).body(),
+                      [(b"content-type", b"application/json"), *headers])
+
+    def _close_gracefully(self) -> None:
+        """FIN after the answer; the client's further input is dropped (data_received) until it
+        closes, or for linger_s at most."""
+        self.read_deadline = self.idle_since = None
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if self.transport.is_closing() or not self.transport.can_write_eof():
             self.transport.close()
+            return
+        self.transport.write_eof()
+        self.loop.call_later(self.server.linger_s, self.transport.close)
 
 
 _date = [0, b""]

@@ -85,6 +85,9 @@ class ChatRequest(_Common, kw_only=True):
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
 _chat_decoder = msgspec.json.Decoder(ChatRequest)
 _LOC = re.compile(r" - at `\$\.?([^`]*)`$")
+# msgspec's decoder recurses per level of nesting: a body like `[[[[...` thousands deep ends in
+# RecursionError, which is the client's mistake, not the server's.
+NESTED_TOO_DEEP = "request body is not valid JSON: nested too deeply"
 
 
 def parse(body: bytes, chat: bool) -> CompletionRequest | ChatRequest:
@@ -98,6 +101,8 @@ def parse(body: bytes, chat: bool) -> CompletionRequest | ChatRequest:
         raise APIError(400, f"{param}: {msg}" if param else msg, param=param) from None
     except msgspec.DecodeError as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, NESTED_TOO_DEEP) from None
 
 
 def check_supported(req: _Common) -> None:

@@ -19,9 +19,12 @@ and to render chat templates.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +35,31 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({"tokenize", "return_dict", "return_tensor
                                        "truncation", "max_length", "return_assistant_tokens_mask",
                                        "tokenizer_kwargs", "conversation", "chat_template"})
 
+# Normalizer or pre-tokenizer stages that can delete input characters (whitespace, control
+# characters, a pattern replaced by nothing): with one of them, text length bounds no token count.
+_DROPS_TEXT = re.compile(r'Strip|Bert|Whitespace|Nmt|Precompiled|Removed|content=""')
+
+
+class TooLong(Exception):
+    """A prompt text longer than any prompt of `limit` tokens could be (`Tokenizer.max_prompt_chars`)."""
+
+    def __init__(self, chars: int, limit: int, max_chars: int):
+        super().__init__(f"the prompt is {chars} characters long; this tokenizer makes at least one "
+                         f"token of every {max_chars // limit} characters, so that is more than this "
+                         f"model's maximum context length of {limit} tokens")
+
 
 class Tokenizer:
-    """A model directory's tokenizer: encode, chat template, decode."""
+    """A model directory's tokenizer: encode, chat template, decode.
+
+    The head must never tokenize a long prompt on its event loop (engines take a stalled head for
+    a dead one): `off_loop` runs the work of a large request on worker threads, where the Rust
+    batch calls release the GIL, so the loop goes on while they run."""
+
+    # Work on up to this many characters runs on the caller's thread: ~35 µs to tokenize such a
+    # prompt, less than a hop to a worker thread and back costs in CPU (measured ~40-90 µs).
+    INLINE_CHARS = 2048
+    POOL_THREADS = 4
 
     def __init__(self, model_dir: str | os.PathLike):
         from transformers import AutoTokenizer
@@ -59,6 +84,28 @@ class Tokenizer:
         self.special_ids: frozenset[int] = frozenset(
             i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
         self.eos_token_ids: tuple[int, ...] = self._eos_ids()
+        self.chars_per_token: int | None = self._chars_per_token(vocab)
+        # The batch call releases the GIL (encode does not); the _fast one skips the offsets.
+        self._encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _chars_per_token(self, vocab: dict[str, int]) -> int | None:
+        """The most input characters one token can stand for, or None when there is no bound.
+
+        A token's text is at most as long as its vocabulary entry (byte-level BPE spells each byte
+        as one character; SentencePiece's "▁" is one space; byte-fallback "<0x41>" and WordPiece's
+        "##" only overstate it). The pipeline before the model maps characters one to one except
+        NFC/NFKC composition (a base letter and up to three marks become one character) and stages
+        that delete text, which leave no bound."""
+        stages = f"{self.backend.normalizer!r} {self.backend.pre_tokenizer!r}"
+        if _DROPS_TEXT.search(stages):
+            return None
+        longest = max((len(t) for t in vocab), default=1)
+        return longest * (4 if "NF" in stages else 1)
+
+    def max_prompt_chars(self, max_tokens: int) -> int | None:
+        """A text longer than this has more than `max_tokens` tokens, whatever its content."""
+        return None if self.chars_per_token is None else self.chars_per_token * max_tokens
 
     def _eos_ids(self) -> tuple[int, ...]:
         """EOS of the tokenizer plus those of generation_config.json (Llama 3 has several)."""
@@ -78,7 +125,23 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of a completion prompt, with the special tokens the tokenizer adds (BOS for
         most models), as vLLM does for /v1/completions."""
-        return self.backend.encode(text, add_special_tokens=True).ids
+        return self._encode_batch([text], add_special_tokens=True)[0].ids
+
+    def encode_prompts(self, texts: Sequence[str], limit: int | None = None,
+                       add_special_tokens: bool = True) -> list[list[int] | int]:
+        """Token ids of each text, as `encode` makes them. A text of `limit` tokens or more comes
+        back as its token count alone: no id list is built for a prompt that will be refused."""
+        encodings = self._encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [e.ids if limit is None or len(e) < limit else len(e) for e in encodings]
+
+    async def off_loop(self, size: int, fn: Callable, *args):
+        """`fn(*args)`, where it cannot hold up the event loop: on the caller's thread when `size`
+        (characters of input) is small, else on this tokenizer's worker threads."""
+        if size <= self.INLINE_CHARS:
+            return fn(*args)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.POOL_THREADS, thread_name_prefix="tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def render_chat_template(self, messages: Sequence[dict[str, Any]],
                              add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
@@ -103,12 +166,25 @@ class Tokenizer:
         """Token ids of a chat prompt. The template writes any BOS itself, so nothing is added
         when tokenizing its output (vLLM's convention)."""
         text = self.render_chat_template(messages, add_generation_prompt, **template_kwargs)
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self._encode_batch([text], add_special_tokens=False)[0].ids
+
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], limit: int | None,
+                    template_kwargs: dict[str, Any]) -> list[int] | int:
+        """`apply_chat_template` for a model of context `limit`: the rendered text is checked
+        against `max_prompt_chars` (TooLong) before it is tokenized, and a prompt of `limit` tokens
+        or more comes back as its token count (see `encode_prompts`)."""
+        text = self.render_chat_template(messages, True, **template_kwargs)
+        max_chars = None if limit is None else self.max_prompt_chars(limit)
+        if max_chars is not None and len(text) > max_chars:
+            raise TooLong(len(text), limit, max_chars)
+        return self.encode_prompts([text], limit, add_special_tokens=False)[0]
 
     # ---- output ---------------------------------------------------------------------------------
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """One-shot decode (no clean-up of tokenization spaces, like the streamed text)."""
+        if len(ids) > self.INLINE_CHARS:   # the batch call releases the GIL (see off_loop)
+            return self.backend.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def __len__(self) -> int:

@@ -163,6 +163,15 @@ class RouterConfig(_Strict):
     disagg: DisaggConfig = Field(default_factory=DisaggConfig)
     request_timeout_s: float = Field(600.0, gt=0)
     max_concurrent_requests: int = Field(4096, gt=0)
+    http_read_timeout_s: float = Field(
+        60.0, gt=0, description="A request's head must arrive within this long of its first byte, and "
+                                "its body may pause no longer; else 408 and the connection closes "
+                                "(slow clients, slowloris). vLLM and nginx use about 60 s.")
+    max_connections_per_client: int = Field(
+        8192, gt=0, description="Open connections one client address may hold; more are refused with "
+                                "429. Above max_concurrent_requests, so that a gateway or a load "
+                                "generator (one address for all) meets the in-flight limit first; "
+                                "lowered to half the process's open-file limit.")
     stream_interval: int = Field(
         1, ge=1, description="vLLM's --stream-interval: a streamed response gets its first token at "
                              "once, then a chunk per this many tokens (and the last). Larger values "

@@ -224,3 +224,68 @@ def test_text_stream_stop_across_token_boundary(tok):
     ts = TextStream(tok, ["fox"])
     assert ts.feed(ids) == ("the quick brown ", True) and ts.stopped and ts.stop_str == "fox"
     assert ts.feed(ids) == ("", True) and ts.finish() == ""
+
+
+# ---- long prompts: a length bound before tokenizing, and tokenizing off the event loop ----------------
+
+def test_prompt_length_bound_is_sound(tok, byte_tok):
+    """No text has fewer tokens than its length over chars_per_token: not even one made of the
+    longest vocabulary entries, or random pieces of the vocabulary."""
+    rng = random.Random(0)
+    for t in (tok, byte_tok):
+        pieces = [t.decode([i], skip_special_tokens=False) for i in range(t.vocab_size)]
+        longest = max(pieces, key=len)
+        texts = [longest * 200, "".join(rng.choice(pieces) for _ in range(3000)), MULTILINGUAL * 50,
+                 " " * 5000, "a" * 5000]
+        for text in texts:
+            assert len(t.encode(text)) * t.chars_per_token >= len(text), (t, text[:40])
+        assert t.max_prompt_chars(100) == 100 * t.chars_per_token
+
+
+def test_no_length_bound_when_the_tokenizer_drops_characters(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    def variant(name, **changes):
+        d = tmp_path / name
+        shutil.copytree(tiny_model_dir, d)
+        spec = json.loads((d / "tokenizer.json").read_text())
+        spec.update(changes)
+        (d / "tokenizer.json").write_text(json.dumps(spec))
+        return Tokenizer(d)
+    base = Tokenizer(tiny_model_dir).chars_per_token
+    assert variant("nfkc", normalizer={"type": "NFKC"}).chars_per_token == 4 * base
+    assert variant("ws", pre_tokenizer={"type": "Whitespace"}).chars_per_token is None
+    assert variant("strip", normalizer={"type": "Strip", "strip_left": True, "strip_right": True}) \
+        .max_prompt_chars(100) is None
+
+
+def test_encode_prompts_gives_a_count_past_the_limit(tok):
+    texts = ["hello world", "the quick brown fox " * 50]
+    assert tok.encode_prompts(texts) == [tok.encode(t) for t in texts]
+    short, long_ = tok.encode_prompts(texts, limit=20)
+    assert short == tok.encode(texts[0]) and long_ == len(tok.encode(texts[1]))
+    # a chat prompt over the length bound is refused before it is tokenized
+    from slurmserve.router.tokenizer import TooLong
+    with pytest.raises(TooLong, match="maximum context length of 10 tokens"):
+        tok.chat_prompt([{"role": "user", "content": "x" * (10 * tok.chars_per_token)}], 10, {})
+    ids = tok.chat_prompt([{"role": "user", "content": "hi"}], 512, {})
+    assert ids == tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_off_loop_runs_large_work_on_a_worker_thread(tok):
+    import asyncio
+    import threading
+
+    async def main():
+        here = threading.get_ident()
+        small = await tok.off_loop(10, threading.get_ident)
+        large = await tok.off_loop(tok.INLINE_CHARS + 1, threading.get_ident)
+        ids = await tok.off_loop(10**6, tok.encode_prompts, ["hello world " * 1000])
+        return here, small, large, ids
+    here, small, large, ids = asyncio.run(main())
+    assert small == here and large != here
+    assert ids == [tok.encode("hello world " * 1000)]
+    long_ids = ids[0] * 3
+    assert len(long_ids) > tok.INLINE_CHARS    # (decoded by the GIL-free batch call)
+    assert tok.decode(long_ids) == tok.backend.decode(long_ids)
