@@ -49,6 +49,24 @@ class TooLong(Exception):
                          f"model's maximum context length of {limit} tokens")
 
 
+# Tokenizers that are nothing but a tokenizer.json (Llama 3, Qwen 2, the tiny model). For them the
+# plain fast class loads the same thing as AutoTokenizer without importing torch (and triton, whose
+# bindings print dozens of "leaked" lines at exit), which saves the head seconds and memory.
+_PLAIN_FAST = {"PreTrainedTokenizerFast", "TokenizersBackend"}
+
+
+def _load_fast_tokenizer(path: Path):
+    try:
+        cls = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        cls = None
+    if cls in _PLAIN_FAST and (path / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+
+
 class Tokenizer:
     """A model directory's tokenizer: encode, chat template, decode.
 
@@ -62,12 +80,10 @@ class Tokenizer:
     POOL_THREADS = 4
 
     def __init__(self, model_dir: str | os.PathLike):
-        from transformers import AutoTokenizer
-
         self.path = Path(model_dir)
         if not self.path.is_dir():
             raise FileNotFoundError(f"tokenizer: {self.path} is not a directory")
-        self.hf = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True, use_fast=True)
+        self.hf = _load_fast_tokenizer(self.path)
         if not getattr(self.hf, "is_fast", False) or getattr(self.hf, "backend_tokenizer", None) is None:
             raise ValueError(f"tokenizer: {self.path} has no fast tokenizer (tokenizer.json)")
         self.backend = self.hf.backend_tokenizer

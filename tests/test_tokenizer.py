@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -289,3 +290,25 @@ def test_off_loop_runs_large_work_on_a_worker_thread(tok):
     long_ids = ids[0] * 3
     assert len(long_ids) > tok.INLINE_CHARS    # (decoded by the GIL-free batch call)
     assert tok.decode(long_ids) == tok.backend.decode(long_ids)
+
+
+def test_a_plain_fast_tokenizer_loads_without_torch(tiny_model_dir):
+    """The head of a sim deployment used to import torch and triton through AutoTokenizer (seconds
+    of start-up, and dozens of nanobind 'leaked' lines at exit); the tokenizer must be the same."""
+    import subprocess
+    import sys
+    code = (
+        "import sys, json\n"
+        "from slurmserve.router.tokenizer import Tokenizer\n"
+        f"t = Tokenizer({str(tiny_model_dir)!r})\n"
+        "msgs = [{'role': 'user', 'content': 'hi there'}]\n"
+        "print(json.dumps(['torch' in sys.modules, t.encode('hello world'), t.apply_chat_template(msgs)]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    torch_loaded, ids, chat = json.loads(out)
+    assert not torch_loaded
+    from transformers import AutoTokenizer
+    auto = AutoTokenizer.from_pretrained(str(tiny_model_dir), local_files_only=True)
+    assert ids == auto.encode("hello world", add_special_tokens=False)
+    expected = auto.apply_chat_template([{"role": "user", "content": "hi there"}], tokenize=True,
+                                        add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert chat == expected
