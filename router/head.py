@@ -70,12 +70,13 @@ class Head:
         self.sock = sock
 
     @staticmethod
-    def bind_control_socket(address: str) -> tuple[zmq.Context, zmq.Socket, dict[str, str]]:
+    def bind_control_socket(address: str, keypair: tuple[bytes, bytes] | None = None
+                            ) -> tuple[zmq.Context, zmq.Socket, dict[str, str]]:
         """Bind the control plane's ROUTER with CURVE: only peers that know the head's public key
         can connect, and that key travels to the engine ranks only through MPI."""
         zctx = zmq.Context()
         sock = zctx.socket(zmq.ROUTER)
-        public, secret = zmq.curve_keypair()
+        public, secret = keypair or zmq.curve_keypair()
         sock.curve_server = True
         sock.curve_publickey, sock.curve_secretkey = public, secret
         sock.setsockopt(zmq.LINGER, 0)
@@ -111,8 +112,8 @@ class Head:
         cfg = self.cfg
         for inst, leader in zip(instances, world.instance_leaders(cfg)):
             if leader.endpoints.get("kv_events"):
-                key = leader.endpoints.get("kv_events_key")
-                kv_state.watch(inst.index, leader.endpoints["kv_events"], key.encode() if key else None)
+                kv_state.watch(inst.index, leader.endpoints["kv_events"],
+                               world.keys.public(world.keys.kv_events(inst.index)))
         hasher = PrefixHasher(algo=str(cfg.engine.args.get("prefix_caching_hash_algo", "sha256")))
         orchestrator = Orchestrator(client, metrics, cfg.pools.disaggregated, kv_state.index, hasher,
                                     cfg.router.disagg, cfg.router.kv.busy_threshold,

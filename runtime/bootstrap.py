@@ -3,7 +3,8 @@
 Rank 0 is the head. Ranks 1.. are cut, in order, into instances of `ranks_per_instance` ranks each;
 the instance list comes from the pools (prefill instances first, then decode). Every rank then
 allgathers its address and endpoints, so all of them know the whole deployment without etcd, NATS
-or rendezvous files. After this, MPI is used only inside an instance (TensorRT-LLM's TP group).
+or rendezvous files. No key crosses MPI: every rank derives the job's CURVE keys from the job
+secret (slurmserve/job_secret.py). After this, MPI is used only inside an instance (TensorRT-LLM's TP group).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import struct
 from dataclasses import dataclass, field
 
 from slurmserve.config import DeploymentConfig
+from slurmserve.job_secret import JobKeys, load_job_keys
 from slurmserve.runtime.protocol import PROTOCOL_VERSION
 
 
@@ -68,6 +70,7 @@ class World:
     ranks: list[RankInfo]
     comm: object                 # MPI.COMM_WORLD
     instance_comm: object        # this rank's instance (the head gets a communicator of its own)
+    keys: JobKeys | None = None  # the job's CURVE keys
 
     @property
     def head(self) -> RankInfo:
@@ -110,8 +113,9 @@ def free_port(address: str) -> int:
 def bootstrap(cfg: DeploymentConfig, endpoints_for=None) -> World:
     """Place this rank and exchange addresses with every other rank.
 
-    `endpoints_for(placement, address)` returns the endpoints this rank publishes (the head binds
-    its ZeroMQ socket first and publishes the bound endpoint, so no port can be stolen).
+    `endpoints_for(placement, address, keys)` returns the endpoints this rank publishes (the head
+    binds its ZeroMQ socket first and publishes the bound endpoint, so no port can be stolen); `keys`
+    are the job's CURVE keys.
     """
     # MPI only bootstraps (a few allgathers), so Open MPI's shared-memory transport buys nothing and
     # a killed rank would leave its 4 MiB segments in /dev/shm. Set before MPI_Init; overridable.
@@ -125,10 +129,14 @@ def bootstrap(cfg: DeploymentConfig, endpoints_for=None) -> World:
     hostname = socket.gethostname()
     single_host = len(set(comm.allgather(hostname))) == 1
     address = local_address(cfg, single_host)
-    endpoints = endpoints_for(placement, address) if endpoints_for else {}
+    try:
+        keys = load_job_keys(comm)
+    except (OSError, ValueError) as e:
+        raise BootstrapError(str(e)) from None
+    endpoints = endpoints_for(placement, address, keys) if endpoints_for else {}
     mine = RankInfo(placement.rank, hostname, address, os.getpid(), PROTOCOL_VERSION, endpoints)
     ranks = [RankInfo(**d) for d in comm.allgather(mine.__dict__)]
     versions = {r.protocol for r in ranks}
     if len(versions) != 1:
         raise BootstrapError(f"ranks run different slurmserve protocol versions: {sorted(versions)}")
-    return World(placement, ranks, comm, instance_comm)
+    return World(placement, ranks, comm, instance_comm, keys)

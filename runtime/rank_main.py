@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import uvloop
-import zmq
 
 from slurmserve.config import DeploymentConfig
 from slurmserve.kvfabric.relay import KVEventRelay
@@ -45,20 +44,18 @@ def run_rank(cfg: DeploymentConfig) -> int:
     head_sock = {}
     kv_curve = {}   # this rank's KV-event publisher keys, when it leads an instance
 
-    def endpoints_for(placement, address):
+    def endpoints_for(placement, address, keys):
+        """What this rank tells the others: addresses and ports only; the keys each derives itself."""
         if placement.is_head:
             from slurmserve.router.head import Head
-            head_sock["zmq"] = Head.bind_control_socket(address)
-            return head_sock["zmq"][2]
+            head_sock["zmq"] = Head.bind_control_socket(address, keys.keypair(keys.control()))
+            return {"control": head_sock["zmq"][2]["control"]}
         if placement.instance_rank == 0:
-            public, secret = zmq.curve_keypair()
-            kv_curve["keys"] = (public, secret)
-            # the KV-transfer side channel (NIXL metadata, or the bytes themselves) is CURVE too:
-            # its public key, like the events key, is known only inside the job
-            side_public, side_secret = zmq.curve_keypair()
-            kv_curve["side_channel"] = (side_public, side_secret)
-            return {"kv_events": f"tcp://{address}:{free_port(address)}", "kv_events_key": public.decode(),
-                    "kv_side_channel_port": free_port(address), "kv_side_channel_key": side_public.decode()}
+            kv_curve["keys"] = keys.keypair(keys.kv_events(placement.instance))
+            # the KV-transfer side channel (NIXL metadata, or the bytes themselves) is CURVE too
+            kv_curve["side_channel"] = keys.keypair(keys.kv_side_channel(placement.instance))
+            return {"kv_events": f"tcp://{address}:{free_port(address)}",
+                    "kv_side_channel_port": free_port(address)}
         return {}
 
     try:
@@ -151,15 +148,16 @@ async def _run_engine_rank(cfg: DeploymentConfig, world: World, kv_curve_keys, s
                             kv_side_channel_port=int(me.endpoints.get("kv_side_channel_port", 0)),
                             comm=world.instance_comm)
         if side_channel_keys is not None:
+            keys = world.keys
             ctx.extra["kv_side_channel_keys"] = side_channel_keys
             ctx.extra["kv_peer_keys"] = {f"{r.address}:{r.endpoints['kv_side_channel_port']}":
-                                         r.endpoints["kv_side_channel_key"]
-                                         for r in world.ranks if "kv_side_channel_key" in r.endpoints}
+                                         keys.public(keys.kv_side_channel(i)).decode()
+                                         for i, r in enumerate(world.instance_leaders(cfg))}
         # SIGUSR2 is for the head (it drains and then shuts the workers down); a worker only
         # keeps serving until told. SIGTERM/SIGINT stop it directly (handled in Worker.run).
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         worker = Worker(lambda: create_engine(cfg, ctx), world.head.endpoints["control"],
-                        world.head.endpoints["control_key"].encode(), p.instance,
+                        world.keys.public(world.keys.control()), p.instance,
                         cfg.runtime.heartbeat_interval_s, head_timeout_s=cfg.runtime.head_timeout_s,
                         rank=p.rank, log_path=str(cfg.log_dir / f"rank-{p.rank}.log"))
         return await worker.run()
