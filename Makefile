@@ -11,7 +11,7 @@ install:
 	scripts/install-deps.sh
 
 install-all:
-	scripts/install-deps.sh --vllm --slurm
+	scripts/install-deps.sh --vllm --slurm --dynamo
 
 demo: install
 	$(PYTHON) scripts/demo.py

@@ -189,6 +189,8 @@ def register(sub) -> None:
     register_fleet(bsub)
     from slurmserve.bench.routing_study import register as register_routing
     register_routing(bsub)
+    from slurmserve.bench.peer import register as register_peer
+    register_peer(bsub)
 
 
 if __name__ == "__main__":

