@@ -78,7 +78,7 @@ def _merge(args) -> int:
 def _run(args) -> int:
     from slurmserve.config import load_config
     from slurmserve.launcher.local import serve
-    from slurmserve.router.batch_driver import summary_of
+    from slurmserve.router.batch_driver import INCOMPLETE_EXIT, summary_of
 
     overrides = list(args.overrides) + batch_overrides(args.input, args.output, args.errors, args.shard,
                                                        args.ordered)
@@ -87,14 +87,17 @@ def _run(args) -> int:
     cfg = load_config(args.config, overrides)
     if not cfg.model.path.is_dir():
         raise ConfigError(f"model.path: {cfg.model.path} is not a directory")
+    shard = bf.resolve_shard(cfg.batch.shard)
+    output = bf.shard_path(cfg.batch.output, shard)
+    # ranks of a killed run may still be writing: say so now, not from inside the new deployment
+    bf.check_no_writer([output] + ([bf.shard_path(cfg.batch.errors, shard)] if cfg.batch.errors else []))
     if sys.stderr.isatty():
         os.environ["SLURMSERVE_BATCH_BAR"] = "1"      # the head draws a progress bar (mpirun passes it on)
     rc = serve(cfg, args.config, overrides)
-    output = bf.shard_path(cfg.batch.output, bf.resolve_shard(cfg.batch.shard))
-    summary = summary_of(output)
+    summary = summary_of(output) if rc in (0, INCOMPLETE_EXIT) else None   # else it may be an old run's
     if summary is not None:
         print(json.dumps(summary, indent=2))
-    if rc == 3:
+    if rc == INCOMPLETE_EXIT:
         print(f"slurmserve batch: stopped before the end; run the same command again to resume "
               f"({output})", file=sys.stderr)
     return rc

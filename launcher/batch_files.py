@@ -13,10 +13,16 @@ input line leaves exactly one record that says which line it was:
 Crash safety: records are appended with one write per checkpoint, then fsynced. Bytes reach the file
 in order, so a crash (kill -9, node failure) can only leave a torn last line, which the next run
 truncates before it reads which records exist; those are skipped, the rest is done again.
+
+One writer at a time: the writer holds an exclusive flock on each file it appends to, taken before it
+reads what is done, for as long as it may write. A run whose predecessor is still alive (a rank that
+outlived a killed `slurmserve batch`) refuses instead of doing the same lines twice.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
 import uuid
@@ -243,15 +249,17 @@ def record_key(raw: bytes) -> tuple[str, Any]:
     return "id", k.custom_id
 
 
-def repair_torn_tail(path: Path) -> int:
-    """Truncate a last line that a crash left without its newline (or unparsable); bytes removed."""
+def repair_torn_tail(path: Path, fd: int | None = None) -> int:
+    """Truncate a last line that a crash left without its newline (or unparsable); bytes removed.
+    With `fd` (the writer's locked descriptor) the file is read and cut through it: closing another
+    descriptor of the file would drop a POSIX lock (what flock is on NFS)."""
     try:
-        size = path.stat().st_size
+        size = os.fstat(fd).st_size if fd is not None else path.stat().st_size
     except FileNotFoundError:
         return 0
     if size == 0:
         return 0
-    with open(path, "rb+") as f:
+    with (open(fd, "rb+", closefd=False) if fd is not None else open(path, "rb+")) as f:
         pos = max(0, size - (1 << 16))
         while True:
             f.seek(pos)
@@ -277,34 +285,98 @@ def repair_torn_tail(path: Path) -> int:
         return size - keep
 
 
-def iter_records(path: Path) -> Iterator[tuple[int, bytes]]:
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return
+def iter_records(path: Path, fd: int | None = None) -> Iterator[tuple[int, bytes]]:
+    if fd is not None:      # the writer's own descriptor (see repair_torn_tail)
+        os.lseek(fd, 0, os.SEEK_SET)
+        f = open(fd, "rb", closefd=False)
+    else:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            return
     with f:
         yield from enumerate(f, 1)
 
 
+def lock_holder(path: Path) -> int | None:
+    """The pid that holds a flock on `path`, from /proc/locks (Linux), if it can be told."""
+    try:
+        st = path.stat()
+        want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for entry in f:
+                parts = entry.split()
+                if "->" not in parts and "FLOCK" in parts and want in parts:
+                    return int(parts[parts.index(want) - 1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _busy(path: Path) -> BatchError:
+    pid = lock_holder(path)
+    who = f" (pid {pid})" if pid else ""
+    return BatchError(f"{path}: another run is still writing it{who}; wait for it to end or stop it, "
+                      f"then run again")
+
+
+def lock_exclusive(fd: int, path: Path) -> str | None:
+    """Take the writer's lock on `fd` without waiting: BatchError if another process holds it; a
+    warning (the caller logs it) where the file system has no locks, which leaves the file unguarded."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise _busy(path) from None
+        return f"{path}: cannot lock it ({e.strerror}): make sure no other run writes it at the same time"
+    return None
+
+
+def check_no_writer(paths: list[Path]) -> None:
+    """Refuse to start while a process (a run that is still ending) holds the lock of one of these
+    files; the run takes the lock itself later, this only gives the error before anything starts."""
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_APPEND)   # write access: flock is a POSIX lock on NFS
+        except OSError:
+            continue        # absent or not ours to write: the run itself says so
+        try:
+            lock_exclusive(fd, p)
+        finally:
+            os.close(fd)    # releases the probe's lock
+
+
 class OutputStore:
-    """The run's output (and error) file: what is already done, and checkpointed appends."""
+    """The run's output (and error) file: what is already done, and checkpointed appends. Holds the
+    files' exclusive locks from construction to close()."""
 
     def __init__(self, output: Path, errors: Path | None = None):
         self.paths = [output] + ([errors] if errors is not None and errors != output else [])
         self.done_ids: set[str] = set()
         self.done_lines: set[int] = set()
         self.repaired = 0
-        for p in self.paths:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            self.repaired += repair_torn_tail(p)
-            for n, raw in iter_records(p):
-                try:
-                    kind, key = record_key(raw)
-                except (msgspec.ValidationError, msgspec.DecodeError) as e:
-                    raise BatchError(f"{p}:{n}: not a batch output record ({e}); "
-                                     f"is this the output of another run?") from None
-                (self.done_ids if kind == "id" else self.done_lines).add(key)
-        self._fds = [os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) for p in self.paths]
+        self.warnings: list[str] = []
+        self._fds: list[int] = []
+        try:
+            for p in self.paths:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(p, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+                self._fds.append(fd)
+                if (warning := lock_exclusive(fd, p)) is not None:
+                    self.warnings.append(warning)
+            # read what is done only now: whoever wrote before has stopped writing
+            for p, fd in zip(self.paths, self._fds):
+                self.repaired += repair_torn_tail(p, fd)
+                for n, raw in iter_records(p, fd):
+                    try:
+                        kind, key = record_key(raw)
+                    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                        raise BatchError(f"{p}:{n}: not a batch output record ({e}); "
+                                         f"is this the output of another run?") from None
+                    (self.done_ids if kind == "id" else self.done_lines).add(key)
+        except BaseException:
+            self._release()
+            raise
         self._bufs: list[list[bytes]] = [[] for _ in self.paths]
         self.pending = 0
 
@@ -329,10 +401,18 @@ class OutputStore:
         self.pending = 0
 
     def close(self) -> None:
-        self.flush()
-        for fd in self._fds:
+        """Flush and let go of the files (and their locks)."""
+        if self._fds:
+            self.flush()
+        self._release()
+
+    def _release(self) -> None:
+        for fd in getattr(self, "_fds", ()):
             os.close(fd)
         self._fds = []
+
+    def __del__(self) -> None:      # a store dropped without close() must not keep the lock
+        self._release()
 
 
 # ---- merge ----------------------------------------------------------------------------------------

@@ -338,6 +338,16 @@ def _rank_command(cfg: DeploymentConfig, config_path: str | os.PathLike | None, 
     return cmd
 
 
+def _mpi_env(cfg: DeploymentConfig, site: SiteConfig) -> list[tuple[str, str]]:
+    """Open MPI's TCP between ranks on the job's interface (runtime.interface, else the site's), when
+    one is named. This picks the addresses ranks use and advertise; Open MPI 4.1 still binds its
+    listeners to every address (README, "What MPI's wire protects")."""
+    iface = cfg.runtime.interface or site.interface
+    if not iface:
+        return []
+    return [("OMPI_MCA_btl_tcp_if_include", iface), ("OMPI_MCA_oob_tcp_if_include", iface)]
+
+
 def _sbatch_lines(cfg: DeploymentConfig, res: Resolved, layout: Layout) -> list[str]:
     log_dir = cfg.log_dir
     lines = [f"--job-name={res.job_name}"]
@@ -406,7 +416,7 @@ def render_sbatch(cfg: DeploymentConfig, config_path: str | os.PathLike | None,
         modules=site.modules, setup=site.setup, requeue=opts.requeue, grace=res.grace_s,
         layout_arbitrary=not layout.uniform, rank_node=layout.rank_node, rank_gpus=layout.rank_gpus,
         counts_text=", ".join(f"node {n}: {c}" for n, c in enumerate(counts)),
-        srun_args=_srun_args(cfg, res, layout), container=site.container,
+        srun_args=_srun_args(cfg, res, layout), container=site.container, mpi_env=_mpi_env(cfg, site),
         rank_command=shlex.join(_rank_command(cfg, config_path, list(overrides), site)))
     return env.get_template(TEMPLATE_NAME).render(**ctx)
 

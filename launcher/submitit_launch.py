@@ -24,11 +24,13 @@ and the requeued job serves again with the same job id and a fresh API key.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 from pathlib import Path
 from typing import Any
 
 from slurmserve.config import ConfigError, DeploymentConfig, load_config
+from slurmserve.job_secret import SECRET_ENV, write_job_secret
 from slurmserve.launcher import registry
 from slurmserve.launcher.slurm_config import (SiteConfig, SlurmError, SlurmOptions, format_time, load_site,
                                               parse_time)
@@ -43,9 +45,11 @@ except ImportError:             # submitit is an extra (`pip install slurmserve[
 class ServeRanks(Checkpointable):
     """The callable every task runs: one rank of the deployment."""
 
-    def __init__(self, config: dict, state_dir: str, rank_gpus: list[str] | None, requeue: bool):
+    def __init__(self, config: dict, state_dir: str, rank_gpus: list[str] | None, requeue: bool,
+                 secret_file: str | None = None):
         self.config = config               # DeploymentConfig.model_dump(): paths already absolute
         self.state_dir = state_dir
+        self.secret_file = secret_file     # the job secret (0600), written before submission
         self.rank_gpus = rank_gpus         # GPU slots per rank on its node; None without GPUs
         self.requeue = requeue
 
@@ -55,6 +59,8 @@ class ServeRanks(Checkpointable):
         rank = int(os.environ.get("SLURM_PROCID", "0"))
         os.environ["SLURMSERVE_STATE_DIR"] = self.state_dir
         os.environ["SLURMSERVE_REQUEUE"] = "submitit" if self.requeue else ""
+        if self.secret_file:
+            os.environ[SECRET_ENV] = self.secret_file
         if self.rank_gpus is not None:
             _narrow_gpus(self.rank_gpus[rank])
         # submitit's checkpoint-and-requeue handler; the head's drain takes SIGUSR2 over meanwhile.
@@ -223,8 +229,11 @@ def launch(config: Any, executor, *, overrides: list[str] = (), slurm: SlurmOpti
         params["job_name"] = res.job_name
     _set_params(executor, **params)
 
+    # The ranks derive the job's CURVE keys from a secret that never crosses MPI (job_secret.py): a
+    # file only this user can read, on the filesystem the nodes share, named by a random token.
+    secret = write_job_secret(cfg.log_dir / f".job-secret-{secrets.token_hex(8)}")
     call = ServeRanks(cfg.model_dump(), str(registry.state_dir()),
-                      layout.rank_gpus if layout.gpus_per_node else None, requeue)
+                      layout.rank_gpus if layout.gpus_per_node else None, requeue, str(secret))
     job = executor.submit(call)
     register_submission(str(job.job_id), cfg, launcher="submitit", config_path=config_path,
                         batch_log=str(job.paths.stdout).replace("%t", "0"),

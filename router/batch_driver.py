@@ -197,7 +197,17 @@ class BatchDriver:
         scan = await asyncio.to_thread(bf.scan_input, bc.input, self.shard)
         for msg in scan.report():
             log.warning("%s: %s", bc.input, msg)
+        # takes the output's lock (a BatchError while an earlier run still writes it), held to the end
         self.store = await asyncio.to_thread(bf.OutputStore, self.output, self.errors)
+        try:
+            return await self._run_locked(scan, stop, grace)
+        finally:
+            self.store.close()
+
+    async def _run_locked(self, scan: bf.Scan, stop: asyncio.Event, grace: Callable[[], float]) -> int:
+        bc = self.bc
+        for warning in self.store.warnings:
+            log.warning("batch: %s", warning)
         if self.store.repaired:
             log.warning("%s: removed a torn last line (%d bytes) left by an interrupted run",
                         self.output, self.store.repaired)
@@ -235,7 +245,7 @@ class BatchDriver:
         finally:
             flusher.cancel()
             watcher.cancel()
-            self.store.close()
+            self.store.flush()      # closed (and unlocked) by _run once the summary is written too
             self.progress.close()
         summary = stats.summary(input=str(bc.input), output=str(self.output),
                                 errors=str(self.errors) if self.errors else None,

@@ -117,8 +117,9 @@ def bootstrap(cfg: DeploymentConfig, endpoints_for=None) -> World:
     binds its ZeroMQ socket first and publishes the bound endpoint, so no port can be stolen); `keys`
     are the job's CURVE keys.
     """
-    # MPI only bootstraps (a few allgathers), so Open MPI's shared-memory transport buys nothing and
-    # a killed rank would leave its 4 MiB segments in /dev/shm. Set before MPI_Init; overridable.
+    # MPI only bootstraps (a few allgathers). Under srun, TCP: Open MPI's shared-memory transport buys
+    # nothing and a killed rank would leave its 4 MiB segments in /dev/shm. `slurmserve serve` sets
+    # shared memory in a private directory instead (launcher/local.py), so no rank listens on TCP.
     os.environ.setdefault("OMPI_MCA_btl", "self,tcp")
     from mpi4py import MPI
 

@@ -170,6 +170,36 @@ def test_torn_last_line_is_repaired(tmp_path):
         bf.OutputStore(out)
 
 
+def test_output_is_locked_by_its_writer(tmp_path, tiny_model_dir):
+    """One writer at a time: a second store (another run) is refused while the first holds the file,
+    with the holder's pid, in one line; `slurmserve batch` says the same before anything starts."""
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    first = bf.OutputStore(out, err)
+    try:
+        cfg = write_config(tmp_path, sim_config(tiny_model_dir, tmp_path / "logs"))
+        inp = write_jsonl(tmp_path / "in.jsonl", [line("a", 0)])
+        r = run_batch(cfg, "-i", str(inp), "-o", str(tmp_path / "other.jsonl"), "--errors", str(err))
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+        assert r.stderr.strip() == (f"slurmserve batch: {err}: another run is still writing it (pid "
+                                    f"{os.getpid()}); wait for it to end or stop it, then run again")
+        assert not (tmp_path / "logs").exists()          # refused before any rank started
+        for path in (out, err):
+            with pytest.raises(bf.BatchError) as e:
+                bf.check_no_writer([path])
+            assert str(e.value) == (f"{path}: another run is still writing it (pid {os.getpid()}); "
+                                    f"wait for it to end or stop it, then run again")
+        with pytest.raises(bf.BatchError, match="another run is still writing it"):
+            bf.OutputStore(out)
+        first.add(bf.ok_record("a", "cmpl-1", b'{"id":"cmpl-1"}'), error=False)
+    finally:
+        first.close()
+    bf.check_no_writer([out, err, tmp_path / "absent.jsonl"])      # free again
+    second = bf.OutputStore(out, err)
+    assert second.done_ids == {"a"}
+    del second                     # dropped without close(): its lock goes with it
+    bf.OutputStore(out).close()
+
+
 def test_merge_checks_completeness(tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [line(f"r{i}", i) for i in range(4)] + ["bad line"])
     out = tmp_path / "out.jsonl"
@@ -358,6 +388,85 @@ def test_kill9_at_random_points_resumes_exactly_once(tiny_model_dir, tmp_path):
     assert raw.endswith(b"\n")
     got = answers(out)              # every line parses; each custom_id once (asserted inside)
     assert len(records(out)) == n and got == reference
+
+
+def test_kill9_of_the_batch_group_then_rerun_at_once_is_exactly_once(tiny_model_dir, tmp_path):
+    """`kill -9` of the `slurmserve batch` process group (mpirun has a session of its own, so it is not
+    in that group), then the same command at once, 10 times: during the start, or a random moment
+    after the head has read the output and begun. The old deployment dies with its parent; a re-run
+    that comes while it still writes refuses in one line; every custom_id ends up exactly once."""
+    # long enough that a run which outlived its kill would still be writing when the next one starts
+    n = 200
+    inp = write_jsonl(tmp_path / "in.jsonl", [line(f"id-{i}", i, max_tokens=32) for i in range(n)])
+    cfg = write_config(tmp_path, sim_config(tiny_model_dir, tmp_path / "logs", speedup=1.0))
+    out, head_log = tmp_path / "out.jsonl", tmp_path / "logs" / "rank-0.log"
+    settings = ["--set", "batch.max_inflight=2", "--set", "batch.checkpoint_records=2",
+                "--set", "batch.checkpoint_interval_s=0.1"]
+    rng = random.Random(20)
+    killed, refused, files = [], 0, []
+
+    def heads_started() -> int:     # every run's head logs this once it holds the output
+        return head_log.read_text().count("already done, window") if head_log.exists() else 0
+
+    def start(k: int):
+        err = open(tmp_path / f"run-{k}.err", "w+")
+        files.append(err)
+        return subprocess.Popen(batch_cmd(cfg, "-i", str(inp), "-o", str(out), *settings),
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True), err
+
+    def refusal(proc, err) -> bool:
+        err.seek(0)
+        text = err.read()
+        if proc.returncode == 2 and "another run is still writing it" in text:
+            assert "Traceback" not in text, text
+            if "rank0" not in text:           # the CLI's check, before any rank: one line
+                assert text.strip().count("\n") == 0, text
+            return True                       # (or the head's own lock, when a killed run was
+        return False                          # still starting at the CLI's check)
+
+    try:
+        runs = 0
+        while len(killed) < 10:
+            assert runs < 30, (killed, refused)
+            started = heads_started()
+            proc, err = start(runs)
+            runs += 1
+            if len(killed) % 3 == 0:          # somewhere in the start (CLI, mpirun, ranks)
+                time.sleep(rng.uniform(0, 3))
+            else:                             # a random moment of the run
+                deadline = time.monotonic() + 60
+                while proc.poll() is None and heads_started() == started and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0, 1.0))
+            if proc.poll() is not None:       # came while the last run's ranks were still writing
+                assert refusal(proc, err), (proc.returncode, killed, err.seek(0) or err.read()[-3000:])
+                refused += 1
+                continue                      # and again at once
+            os.killpg(proc.pid, signal.SIGKILL)       # the CLI's group only, and at once the next run
+            proc.wait()
+            killed.append(len(records_tolerant(out)))
+        for k in range(runs, runs + 30):      # the last run, also at once: to the end
+            proc, err = start(k)
+            proc.wait(timeout=120)
+            if not refusal(proc, err):
+                break
+            refused += 1
+            time.sleep(0.2)
+        err.seek(0)
+        assert proc.returncode == 0, (proc.returncode, killed, err.read()[-4000:])
+        # nothing of any run is left behind, even of the ones killed with their parent
+        deadline = time.monotonic() + 15
+        while processes_matching(str(cfg)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        leftover = processes_matching(str(cfg))
+    finally:
+        _kill_run(cfg)
+        for f in files:
+            f.close()
+    assert leftover == [], leftover
+    assert len(set(killed)) >= 3, (killed, refused)   # kills at different points of the file
+    got = answers(out)              # each custom_id once (asserted inside)
+    assert len(records(out)) == n and sorted(got) == sorted(f"id-{i}" for i in range(n))
 
 
 def scrape(log_dir: Path) -> str:

@@ -133,6 +133,19 @@ def test_stale_kv_directories_are_cleaned_at_start(tmp_path):
 
 # ---- while serving ------------------------------------------------------------------------------
 
+def test_a_pool_that_loses_every_instance_ends_the_deployment(tiny_model_dir, tmp_path):
+    """Nothing restarts an engine rank: a deployment whose only worker was killed used to answer 503
+    forever. Now it ends, says why, and `serve` exits 1."""
+    dep = LocalDeployment(tmp_path, sim_config(tiny_model_dir, workers=1)).start()
+    try:
+        os.kill(dep.info["instances"][0]["pid"], signal.SIGKILL)
+        assert wait_exit(dep, 30) == 1, dep.output()
+    finally:
+        dep.kill()
+    assert (dep.dir / "logs" / HEAD_ERROR_FILE).read_text().startswith("no worker instance is left (")
+    wait_for(lambda: dep.pids() == [], 10, "every process gone")
+
+
 def test_engines_do_not_leave_a_head_that_stalls(tiny_model_dir, tmp_path):
     """The head's process is stopped for 9 s (longer than the engines' old 5 s silence limit), as a
     loop blocked by a huge request would be. Its connections stay open, so the engines wait; once it

@@ -154,8 +154,12 @@ def test_uniform_layout_uses_block_distribution(tmp_path, fake_model):
 
 def _layout(tmp_path, model, opts: dict, cluster=None, **engine):
     data = sim_dict(model, tmp_path / "logs", **engine.pop("pools", {"workers": 4}))
-    data["engine"].update(engine)
+    planned = engine.get("kind") == "trtllm"     # the config refuses it (not in this build): its planned layout
+    data["engine"].update(engine, **({"kind": "vllm"} if planned else {}))
     cfg = load_config(write_config(tmp_path, data, f"l{len(list(tmp_path.iterdir()))}.yaml"))
+    if planned:
+        from slurmserve.config import EngineConfig
+        cfg.engine = EngineConfig.model_construct(**{**dict(cfg.engine), "kind": "trtllm"})
     return plan_layout(cfg, resolved_for(cfg, opts), cluster)
 
 
@@ -257,6 +261,17 @@ def cli(*args, timeout=180, **kw):
     entry = ["slurmserve"] if "slurm_cli" in cli_src else ["slurmserve.launcher.slurm_cli"]
     return subprocess.run([sys.executable, "-m", *entry, *args], capture_output=True, text=True,
                           timeout=timeout, **kw)
+
+
+def test_submit_refuses_an_engine_this_build_cannot_run(tmp_path, fake_model, state_dir):
+    """engine.kind=trtllm: refused with its key path before sbatch runs (no Slurm needed), nothing
+    registered, rather than a job whose ranks fail to start."""
+    cfg = write_config(tmp_path, sim_dict(fake_model, tmp_path / "logs"))
+    for cmd in ("submit", "sbatch"):
+        r = cli(cmd, str(cfg), "--nodes", "1", "--set", "pools.workers=1", "--set", "engine.kind=trtllm")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "engine.kind: 'trtllm' is not available in this build" in r.stderr, r.stderr
+    assert registry.list_entries() == [] and not (tmp_path / "logs").exists()
 
 
 def test_cli_errors_are_one_line(tmp_path, fake_model):
@@ -637,6 +652,61 @@ def _preempt_and_come_back(job: str, client_factory, wait_ready, full: bool) -> 
     r = client_factory().completions.create(model=MODEL, prompt="again", max_tokens=5,
                                             extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 5
+
+
+@pytest.mark.slurm
+def test_rank_crash_while_the_mpi_world_starts_is_retried_a_bounded_number_of_times(
+        cluster, tmp_path, tiny_model_dir, monkeypatch):
+    """Ranks that die of SIGSEGV before the MPI world is up (seen after several requeues: exit 139)
+    end srun; the job script starts the world again in its allocation (a new job step), at most
+    SLURMSERVE_START_RETRIES times. Fault injection: a site `container` wrapper that segfaults every
+    rank of the first CRASH_STEPS job steps before it execs the rank."""
+    wrapper = tmp_path / "crash.sh"
+    wrapper.write_text('#!/bin/bash\nif [ "$SLURM_STEP_ID" -lt "$CRASH_STEPS" ]; then kill -SEGV $$; fi\n'
+                       'exec "$@"\n')
+    wrapper.chmod(0o755)
+    jobs = {}
+    for crash_steps in (1, 99):          # the first start crashes; every start crashes
+        site = tmp_path / f"site-{crash_steps}.yaml"
+        site.write_text(yaml.safe_dump({"container": str(wrapper), "setup": [
+            f"export CRASH_STEPS={crash_steps}", "export SLURMSERVE_START_RETRIES=1"]}))
+        monkeypatch.setenv("SLURMSERVE_SITE", str(site))
+        cfg = write_config(tmp_path, sim_dict(tiny_model_dir, tmp_path / f"logs-{crash_steps}", workers=2),
+                           f"dep-{crash_steps}.yaml")
+        r = cli("submit", str(cfg), "--nodes", "1", "--time", "10")
+        assert r.returncode == 0, r.stderr
+        jobs[crash_steps] = (r.stdout.strip(), cfg)
+
+    job, cfg = jobs[1]
+    try:
+        r = cli("wait", job, "--timeout", "150")
+        assert r.returncode == 0, r.stderr + cli("logs", job).stdout
+        query(r.stdout.strip(), cli_connection_key(job))
+    finally:
+        cli("stop", job)
+    log = (tmp_path / "logs-1" / f"slurm-{job}.out").read_text()
+    assert "slurmserve: srun exited with status 139" in log
+    assert "a rank crashed while the MPI world started; starting again (1 of 1)" in log
+    assert_nothing_left(job, str(cfg))
+
+    job, cfg = jobs[99]
+    deadline = time.time() + 120
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline, "a job whose ranks always crash at start must end"
+        time.sleep(1)
+    log = (tmp_path / "logs-99" / f"slurm-{job}.out").read_text()
+    assert log.count("slurmserve: srun exited with status 139") == 2, log[-3000:]
+    assert "a rank crashed while the MPI world started, 2 time(s); giving up" in log
+    state = subprocess.run(["sacct", "-n", "-X", "-j", job, "-o", "State,ExitCode", "-P"], capture_output=True,
+                           text=True).stdout.split()
+    assert len(state) == 1 and state[0].startswith("FAILED|"), state
+    assert not list((tmp_path / "logs-99").glob(".srun-start-*"))
+    assert_nothing_left(job, str(cfg))
+
+
+def cli_connection_key(job: str) -> str:
+    from slurmserve.launcher.slurm_cli import connection
+    return connection(job)[1]
 
 
 @pytest.mark.slurm
