@@ -189,6 +189,10 @@ def register(sub) -> None:
     register_fleet(bsub)
     from slurmserve.bench.routing_study import register as register_routing
     register_routing(bsub)
+    from slurmserve.bench.stage_bench import register as register_stage
+    register_stage(bsub)
+    from slurmserve.bench.ready_bench import register as register_ready
+    register_ready(bsub)
     from slurmserve.bench.peer import register as register_peer
     register_peer(bsub)
 

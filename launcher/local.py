@@ -62,14 +62,12 @@ def serve(cfg: DeploymentConfig, config_path: str | None, overrides: list[str]) 
     head_exit = array_task_log_dir(cfg.log_dir) / HEAD_EXIT_FILE    # where rank 0 writes it
     head_exit.unlink(missing_ok=True)
     rc = _run_mpirun(cfg, mpirun_command(cfg, config_path, overrides))
-    if rc:
-        return rc
-    try:
-        return int(head_exit.read_text())
+    try:    # the head's word: whether the deployment ended cleanly (an engine rank killed on the way
+        return int(head_exit.read_text())       # may or may not change mpirun's own status)
     except (OSError, ValueError):
         print(f"slurmserve serve: the head (rank 0) ended without an exit code (killed?); see "
               f"{head_exit.parent / 'rank-0.log'}", file=sys.stderr)
-        return 1
+        return rc or 1
 
 
 def mpi_env(shm_dir: str) -> dict[str, str]:

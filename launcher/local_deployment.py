@@ -88,7 +88,8 @@ class LocalDeployment:
         raise TimeoutError(f"deployment not ready after {timeout} s:\n{self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return (self.dir / "serve.log").read_text(errors="replace")[-6000:]
 
     @property

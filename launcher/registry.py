@@ -61,6 +61,7 @@ FIELDS: dict[str, Any] = {
     "drain_signal": None,
     "error": None,             # status `failed`: why, in one line (the exception, the rank, its log)
     "cut_requests": None,      # requests still running when the last drain's grace ran out
+    "timeline": None,          # rank 0's start-up: {phase: epoch seconds} (`slurmserve bench ready`)
     "updated": None,
 }
 
@@ -191,6 +192,18 @@ def _public_host(bound: str) -> str:
         return socket.gethostname()
 
 
+def process_start_time() -> float | None:
+    """When this process started, in epoch seconds (Linux /proc: 10 ms ticks; psutil's boot time
+    has whole seconds only); None elsewhere."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])      # field 22, after the parenthesised name
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 class HeadRegistration:
     """What the head of a Slurm job tells the registry. Created by `from_env` (None outside Slurm)."""
 
@@ -241,7 +254,29 @@ class HeadRegistration:
         self._safe(**fields)
 
     def ready(self) -> None:
-        self._safe(status="ready")
+        self._safe(status="ready", timeline=self._timeline({"ready": time.time()}))
+
+    def _timeline(self, phases: dict, new: bool = False) -> dict:
+        """This run's start-up phases with `phases` added. `new`: a fresh one, from this process's
+        start (each srun step and each requeue starts the ranks again)."""
+        if new:
+            return {"rank_start": process_start_time(), **phases}
+        return {**((read_entry(self.job_id) or {}).get("timeline") or {}), **phases}
+
+    def mark(self, *phases: str, new: bool = False, **at: float) -> None:
+        """Rank 0 reached `phases` now (or at the epoch seconds in `at`); `slurmserve bench ready`
+        breaks sbatch -> ready down by them."""
+        now = time.time()
+        known = read_entry(self.job_id) is not None
+        self._safe(timeline=self._timeline({**dict.fromkeys(phases, now), **at}, new),
+                   **({} if known else {"launcher": "srun"}))     # what `serving` says of a new entry
+
+    @classmethod
+    def mark_phase(cls, cfg, *phases: str, new: bool = False) -> None:
+        """`mark` when inside a Slurm job; nothing otherwise."""
+        reg = cls.from_env(cfg)
+        if reg is not None:
+            reg.mark(*phases, new=new)
 
     async def watch_ready(self, is_ready: Callable[[], bool], interval_s: float = 0.1) -> None:
         """Marks the entry `ready` as soon as `is_ready()` (every engine instance is up)."""

@@ -88,6 +88,9 @@ def job_status(job_id: str, with_secret: bool = False) -> dict:
         status = "ready" if ready else status
     out = dict(entry, status=status, ready=ready, slurm_state=st.state, time_left=st.time_left,
                nodes=st.nodes, reason=st.reason)
+    if status == "starting" and entry.get("log_dir"):
+        from slurmserve.runtime.weight_stage import progress_summary
+        out["stage"] = progress_summary(entry["log_dir"])     # weights being staged: GB, GB/s, ETA
     if not with_secret:
         out.pop("api_key", None)
     return out
@@ -277,6 +280,8 @@ def cmd_status(args) -> int:
     for r in rows:
         if r["status"] == "failed" and r.get("error"):
             print(f"job {r['job_id']} failed: {r['error']}")
+        elif r["status"] == "starting" and r.get("stage"):
+            print(f"job {r['job_id']}: {r['stage']}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """The head's side of the control plane: engine instances, their health, and request streams.
 
 One ROUTER socket talks to every instance's DEALER. Deltas arrive batched per engine step and are
-fanned out to per-request streams; heartbeats keep each instance in rotation, and an instance that
+fanned out to per-request streams; heartbeats keep each instance in rotation (the first ready one
+carries the engine's declaration, protocol.EngineInfo: block size, block-hash scheme, batch capacity,
+prefix caching, which is all the head knows of an engine), and an instance that
 misses them for `heartbeat_timeout_s` is dropped with its in-flight requests failed cleanly: each
 stream ends with an error delta and is marked `lost`, which the Orchestrator may answer by
 continuing the request on another instance (migration).
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from slurmserve.router.metrics import HeadMetrics
-from slurmserve.router.policies import HeadLoad, Policy, Route
+from slurmserve.router.policies import HeadLoad, Policy, PrefixHasher, Route
 from slurmserve.runtime import protocol as P
 from slurmserve.runtime.zmq_loop import LoopSocket
 
@@ -46,6 +48,7 @@ class Instance(HeadLoad):
     kv_usage: float = 0.0
     num_kv_blocks: int = 0
     block_size: int = 0
+    info: P.EngineInfo | None = None   # what its engine declared when it came up
     # Output flow control (protocol.Consumed): StepOutputs read from it, and confirmed to it.
     outputs_read: int = 0
     outputs_confirmed: int = 0
@@ -137,7 +140,8 @@ class DeltaStream:
 class EngineClient:
     def __init__(self, sock: zmq.Socket, instances: list[Instance], policies: dict[str, Policy],
                  metrics: HeadMetrics, heartbeat_timeout_s: float,
-                 on_instance_down: Callable[[int], None] = lambda index: None):
+                 on_instance_down: Callable[[int], None] = lambda index: None,
+                 on_instance_declared: Callable[[int, P.EngineInfo], None] = lambda index, info: None):
         self._zsock = sock
         self.sock: LoopSocket | None = None
         self.instances = instances
@@ -152,6 +156,8 @@ class EngineClient:
         self._awake = self._tick_at = time.monotonic()      # the silence clock (see _silence_clock)
         self.min_instances = len(instances)   # runtime.min_instances: up for the pools to be ready
         self.on_instance_down = on_instance_down
+        self.on_instance_declared = on_instance_declared
+        self._hashers: dict[tuple[str, str | None], PrefixHasher] = {}
         self.streams: dict[str, DeltaStream] = {}
         self._dirty: list[DeltaStream] = []   # streams with a sink and undelivered deltas
         self._window_full: list[Instance] = []   # instances owed a Consumed after this drain
@@ -165,11 +171,12 @@ class EngineClient:
         self._awake = self._tick_at = time.monotonic()
         self._tasks = [asyncio.create_task(self._watch())]
 
-    async def close(self, reason: str, grace_s: float) -> None:
-        """Ask every instance to shut down and wait (up to grace_s) for their goodbyes."""
+    async def close(self, reason: str, grace_s: float, failed: bool = False) -> None:
+        """Ask every instance to shut down and wait (up to grace_s) for their goodbyes; `failed`:
+        the deployment failed, so the ranks exit with an error."""
         self.closing = True
         for inst in self.instances:   # down ones too: one that is only late still hears it
-            self.sock.send_to(inst.identity, P.encode(P.Shutdown(reason)))
+            self.sock.send_to(inst.identity, P.encode(P.Shutdown(reason, failed)))
         deadline = time.monotonic() + grace_s
         while any(i.up for i in self.instances) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -191,6 +198,27 @@ class EngineClient:
             return False
         return all(self.pool(role) for role in {i.role for i in self.instances})
 
+    def prefix_hasher(self) -> tuple[bool, PrefixHasher | None]:
+        """(whether any instance has declared its engine, the prompt hasher that matches the block
+        hashes in its KV events: None when it declared no scheme the head can reproduce). The
+        instances of a deployment run one engine configuration, so the first declaration speaks
+        for all."""
+        for inst in self.instances:
+            info = inst.info
+            if info is not None:
+                if info.hash_algo is None or not info.prefix_caching:
+                    return True, None
+                key = (info.hash_algo, info.hash_seed)
+                hasher = self._hashers.get(key)
+                if hasher is None:
+                    hasher = self._hashers[key] = PrefixHasher(info.hash_seed, info.hash_algo)
+                return True, hasher
+        return False, None
+
+    def batch_capacity(self, roles: tuple[str, ...] = ("worker", "decode")) -> int:
+        """Requests the declared instances of `roles` can run at once (their max_num_seqs)."""
+        return sum(i.info.max_num_seqs for i in self.instances if i.info is not None and i.role in roles)
+
     def choose(self, role: str, route: Route) -> Instance:
         live = self.pool(role)
         if not live:
@@ -201,9 +229,10 @@ class EngineClient:
     # ---- requests -------------------------------------------------------------------------------
 
     def submit(self, inst: Instance, req_id: str, prompt_token_ids: list[int], params: P.SamplingParams,
-               kv_transfer_params: dict | None = None, interval: int = 1, prefill_blocks: int = 0,
-               held_blocks: int = 0, held_hashes: list[int] | None = None) -> DeltaStream:
-        """Send the request to `inst`; `interval` is its stream interval, applied by the engine rank.
+               phase: str = P.AGGREGATED, handoff: dict | None = None, interval: int = 1,
+               prefill_blocks: int = 0, held_blocks: int = 0, held_hashes: list[int] | None = None) -> DeltaStream:
+        """Send the request to `inst` in disaggregation `phase` (with the `handoff` a prefill leg
+        returned, passed on unread); `interval` is its stream interval, applied by the engine rank.
 
         Between heartbeats the head keeps its own account of each instance's load: the request's
         `prefill_blocks` (uncached prompt blocks) count as pending prefill until its first delta,
@@ -213,7 +242,7 @@ class EngineClient:
         inst.add(stream)
         inst.streams[req_id] = stream
         self.streams[req_id] = stream
-        self.sock.send_to(inst.identity, P.encode(P.Generate(req_id, prompt_token_ids, params, kv_transfer_params,
+        self.sock.send_to(inst.identity, P.encode(P.Generate(req_id, prompt_token_ids, params, phase, handoff,
                                                                interval)))
         return stream
 
@@ -279,6 +308,8 @@ class EngineClient:
         load = hb.load
         inst.running, inst.waiting, inst.kv_usage = load.running, load.waiting, load.kv_usage
         inst.num_kv_blocks, inst.block_size = load.num_kv_blocks, load.block_size
+        if hb.info is not None:
+            self._declared(inst, hb.info)
         labels = (inst.index, inst.role)
         for field, gauge in self.metrics.instance_load.items():
             gauge.labels(*labels).set(getattr(load, field))
@@ -286,6 +317,21 @@ class EngineClient:
             inst.up = inst.ever_up = True
             self.metrics.instance_up.labels(*labels).set(1)
             log.info("instance %d (%s) at %s is up", inst.index, inst.role, inst.address)
+
+    def _declared(self, inst: Instance, info: P.EngineInfo) -> None:
+        known = next((i.info for i in self.instances if i.info is not None and i is not inst), None)
+        if known is not None and (known.hash_algo, known.hash_seed, known.prefix_caching) != \
+                (info.hash_algo, info.hash_seed, info.prefix_caching):
+            log.warning("instance %d declares block hashes %s (seed %r, prefix caching %s) unlike the others "
+                        "(%s, %r, %s): KV-aware routing follows the first declaration", inst.index,
+                        info.hash_algo, info.hash_seed, info.prefix_caching, known.hash_algo, known.hash_seed,
+                        known.prefix_caching)
+        inst.info = info
+        log.info("instance %d declares: %s engine, %d ranks, %d KV blocks of %d tokens, max_num_seqs %d, "
+                 "prefix caching %s, block hashes %s", inst.index, info.kind or "unnamed", info.ranks,
+                 info.num_kv_blocks, info.block_size, info.max_num_seqs, "on" if info.prefix_caching else "off",
+                 info.hash_algo or "not reproducible here")
+        self.on_instance_declared(inst.index, info)
 
     async def _watch(self) -> None:
         period = self._period

@@ -29,7 +29,7 @@ from slurmserve.router.http_server import HTTPServer
 from slurmserve.router.kv_state import KVState
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.orchestrator import Orchestrator
-from slurmserve.router.policies import PrefixHasher, make_policies
+from slurmserve.router.policies import make_policies
 from slurmserve.router.tokenizer import Tokenizer
 from slurmserve.launcher.registry import HeadRegistration
 from slurmserve.runtime.bootstrap import World
@@ -97,14 +97,14 @@ class Head:
         kv_state = KVState(metrics, ApproxKVIndex(kv.approx_ttl_s) if kv.index == "approximate" else None)
         policies = make_policies(cfg.router.policy, {i.role for i in instances}, kv_state.index, kv)
         client = EngineClient(self.sock, instances, policies, metrics, cfg.runtime.heartbeat_timeout_s,
-                              on_instance_down=kv_state.forget)
+                              on_instance_down=kv_state.forget, on_instance_declared=kv_state.declare)
         client.min_instances = cfg.runtime.min_instances or len(instances)
         client.start()
         try:
             return await self._serve(world, tokenizer, metrics, instances, client, kv_state, api_key)
         except Exception as e:
             if not client.closing:   # tell the workers to stop, or they would wait for a head that is gone
-                await client.close(f"the head failed: {e}", grace_s=2.0)
+                await client.close(f"the head failed: {e}", grace_s=2.0, failed=True)
             raise
 
     async def _serve(self, world: World, tokenizer: Tokenizer, metrics: HeadMetrics,
@@ -114,8 +114,8 @@ class Head:
             if leader.endpoints.get("kv_events"):
                 kv_state.watch(inst.index, leader.endpoints["kv_events"],
                                world.keys.public(world.keys.kv_events(inst.index)))
-        hasher = PrefixHasher(algo=str(cfg.engine.args.get("prefix_caching_hash_algo", "sha256")))
-        orchestrator = Orchestrator(client, metrics, cfg.pools.disaggregated, kv_state.index, hasher,
+        # prompts are hashed with the scheme the engines declare when they come up (EngineInfo)
+        orchestrator = Orchestrator(client, metrics, cfg.pools.disaggregated, kv_state.index, None,
                                     cfg.router.disagg, cfg.router.kv.busy_threshold,
                                     migration_limit=cfg.router.migration_limit)
         app = HeadApp(orchestrator=orchestrator,
@@ -162,6 +162,7 @@ class Head:
         ready_task = None
         if reg is not None:
             reg.serving(info, api_key)
+            reg.mark(listening=info["started"])
             ready_task = asyncio.create_task(reg.watch_ready(client.all_ready))
         log.info("serving %s at http://%s:%d/v1 (%d engine instances)", cfg.model.served_name, host,
                  port, len(instances))
@@ -182,7 +183,7 @@ class Head:
             if batch is not None:
                 batch.cancel()
             server.close()
-            await client.close(f"the deployment failed: {failure.result()}", grace_s=2.0)
+            await client.close(f"the deployment failed: {failure.result()}", grace_s=2.0, failed=True)
             await kv_state.close()
             raise HeadError(failure.result())
         failure.cancel()

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import time
+from itertools import repeat
 
 import msgspec
 
@@ -39,6 +40,7 @@ class HeadApp:
                  model_name: str, max_model_len: int, api_key: str, max_concurrent: int = 4096,
                  session_header: str | None = None, stream_interval: int = 1):
         self.orch = orchestrator
+        self._token_text: oa.TokenText | None = None
         self.stream_interval = stream_interval
         self.session_header = session_header.lower().encode() if session_header else None
         self.tok = tokenizer
@@ -57,6 +59,18 @@ class HeadApp:
             ("GET", "/metrics"): self.prometheus,
         }
         self.open_paths = {"/health"}
+
+    def _engine_kinds(self) -> set[str]:
+        """The kinds of engine the instances declared when they came up."""
+        client = getattr(self.orch, "client", None)    # (None in tests that only prepare requests)
+        return {i.info.kind for i in getattr(client, "instances", ()) if getattr(i, "info", None) is not None}
+
+    @property
+    def token_text(self) -> oa.TokenText:
+        """Token texts for logprobs, made on first use: requests without logprobs never need it."""
+        if self._token_text is None:
+            self._token_text = oa.TokenText(self.tok)
+        return self._token_text
 
     @property
     def inflight(self) -> int:
@@ -121,6 +135,10 @@ class HeadApp:
                            param="model", code="model_not_found")
         oa.check_supported(req)
         stops = oa.stop_strings(req)
+        structured, param = oa.structured_outputs(req)
+        if structured is not None and "sim" in self._engine_kinds():
+            raise APIError(400, f"{param}: the simulated engine (engine.kind sim) has no structured "
+                                f"output; it needs an engine such as vllm", param=param)
         tok, limit = self.tok, self.max_model_len
         # Template and tokenizer run off the event loop for a large body (Tokenizer.off_loop); a
         # prompt of `limit` tokens or more comes back as its token count (_job refuses it).
@@ -132,7 +150,7 @@ class HeadApp:
                 raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
             except (ValueError, TypeError, KeyError, RecursionError) as e:
                 raise APIError(400, f"messages: {e}", param="messages") from None
-            return req, [self._job(req, chat, prompt, "")], stops
+            return req, [self._job(req, chat, prompt, "", structured)], stops
         prompts = oa.completion_prompts(req, tok.vocab_size)
         texts = [p for p in prompts if isinstance(p, str)]
         if texts:
@@ -144,20 +162,20 @@ class HeadApp:
             encoded = iter(await tok.off_loop(sum(map(len, texts)), tok.encode_prompts, texts, limit))
         jobs = []
         for p in prompts:
-            ids, params, echo = self._job(req, chat, next(encoded) if isinstance(p, str) else p, "")
+            ids, params, echo = self._job(req, chat, next(encoded) if isinstance(p, str) else p, "", structured)
             if req.echo:   # (after _job: token ids are decoded only for a prompt that fits)
                 echo = p if isinstance(p, str) else await tok.off_loop(len(ids), tok.decode, ids)
             jobs.append((ids, params, echo))
         return req, jobs, stops
 
-    def _job(self, req, chat: bool, prompt: list[int] | int, echo: str) -> tuple:
+    def _job(self, req, chat: bool, prompt: list[int] | int, echo: str, structured: dict | None = None) -> tuple:
         """(token ids, sampling params, echo) of one prompt; echo: with `echo`, its text, answered
         first. `prompt` may be a token count alone, of a prompt too long to serve: refused here."""
         n = prompt if isinstance(prompt, int) else len(prompt)
         if not n:
             raise APIError(400, "the prompt has no tokens", param="prompt")
         params = oa.sampling_params(req, n, self.max_model_len, self.tok.vocab_size,
-                                    self.tok.eos_token_id, chat)
+                                    self.tok.eos_token_id, chat, structured)
         return prompt, params, echo
 
     async def _generate(self, request: Request, response: Response, chat: bool) -> None:
@@ -286,6 +304,17 @@ class _Answer:
         self.text = TextStream(app.tok, stops, prompt_ids=prompt, skip_special_tokens=req.skip_special_tokens,
                                include_stop=req.include_stop_str_in_output)
         self.done = asyncio.get_running_loop().create_future()
+        # echo with max_tokens 0: the prompt alone; the one token the engine made is left out
+        self.echo_only = not chat and req.max_tokens == 0
+        # Logprobs: None (the usual case) costs nothing per token; else each position of the answer
+        # queues (token id, logprob, top ids, top logprobs) in `entries` until it is written.
+        self.top = oa.logprobs_wanted(req, chat)
+        if self.top is not None:
+            self.entries: list[tuple] = []
+            self.watch_stops = bool(stops)
+            self.lp_offset = 0     # completions' text_offset of the next position
+            # echo with logprobs: the prompt's positions come first, with the first delta
+            self.prompt_lp = prompt if not chat and req.echo else None
 
     def feed(self, delta: P.Delta) -> None:
         if self.done.done():
@@ -297,7 +326,8 @@ class _Answer:
                 self.t_first = time.perf_counter()
                 if self.choices is None or self.choices.first_token():
                     self.app.metrics.requests.ttft.observe(self.t_first - self.start)
-            self.n_out += len(delta.token_ids)
+            if not self.echo_only:
+                self.n_out += len(delta.token_ids)
             self._feed(delta)
         except Exception as e:   # a bug: fail this request, not the fan-out
             self.done.set_exception(e)
@@ -310,7 +340,47 @@ class _Answer:
         ids = delta.token_ids
         if delta.finish_reason == "stop" and not self.keep_stop_token:
             ids = ids[:-1]
+        if self.echo_only:
+            return "", False
         return self.text.feed(ids)
+
+    def _text_logprobs(self, delta: P.Delta) -> tuple[str, bool]:
+        """`_text` for a request with logprobs, which also queues the entries of the positions
+        that are part of the answer: the prompt's (echo), then the tokens up to the one that
+        completed a stop string, if one did (fed one by one to find it)."""
+        entries, ids = self.entries, delta.token_ids
+        prompt = self.prompt_lp
+        if prompt is not None:
+            self.prompt_lp = None
+            entries.append((prompt[0], None, (), ()))    # the first prompt token has no logprob
+            pl = delta.prompt_logprobs
+            if pl is not None:
+                entries.extend(zip(prompt[1:], pl.token, pl.top_ids or repeat(()), pl.top or repeat(())))
+        if self.echo_only:
+            return "", False
+        used = len(ids)
+        if self.watch_stops:
+            parts, stopped = [], False
+            end = used - 1 if delta.finish_reason == "stop" and not self.keep_stop_token else used
+            for k in range(end):
+                part, stopped = self.text.feed(ids[k:k + 1])
+                parts.append(part)
+                if stopped:
+                    used = k + 1
+                    break
+            piece = "".join(parts)
+        else:
+            piece, stopped = self._text(delta)
+        lp = delta.logprobs
+        if lp is not None:
+            entries.extend(zip(ids[:used], lp.token, lp.top_ids or repeat(()), lp.top or repeat(())))
+        return piece, stopped
+
+    def _logprobs(self) -> dict:
+        """The logprobs object of the queued entries (which it takes)."""
+        entries, self.entries = self.entries, []
+        obj, self.lp_offset = oa.logprobs_object(self.chat, entries, self.app.token_text, self.lp_offset)
+        return obj
 
     def set_index(self, index: int) -> None:
         """This answer is choice `index` of several (only a streamed answer writes it)."""
@@ -384,7 +454,7 @@ class WholeAnswer(_Answer):
         self.parts: list[str] = []
 
     def _feed(self, delta: P.Delta) -> None:
-        piece, stopped = self._text(delta)
+        piece, stopped = self._text(delta) if self.top is None else self._text_logprobs(delta)
         self.parts.append(piece)
         if (failure := _engine_failure(delta)) is not None:
             err = APIError(503, failure, type_="server_error")
@@ -401,7 +471,10 @@ class WholeAnswer(_Answer):
             self.parts.append(self.text.finish())
         else:
             return
-        self.result = (self.echo + "".join(self.parts), _openai_finish(finish))
+        if self.echo_only:
+            finish = "length"
+        self.result = (self.echo + "".join(self.parts), _openai_finish(finish),
+                       None if self.top is None else self._logprobs())
         if self.choices is None:
             body = oa.full_response(self.chat, self.rid, self.app.model_name, [self.result],
                                     oa.usage(self.n_prompt, self.n_out, self.n_cached))
@@ -419,6 +492,7 @@ class StreamedAnswer(_Answer):
         self.out = ChunkWriter(self.chat, self.rid, app.model_name)
         self.include_usage = req.stream_options is not None and req.stream_options.include_usage
         self.opened = False
+        self.echo_sent = False
 
     def set_index(self, index: int) -> None:
         self.out = ChunkWriter(self.chat, self.rid, self.app.model_name, index)
@@ -431,9 +505,15 @@ class StreamedAnswer(_Answer):
                 self.response.start(200, SSE)
             if self.chat:
                 events.append(out.role())
-            elif self.echo:
+            elif self.echo and self.top is None:
                 events.append(out.text(self.echo))
-        piece, stopped = self._text(delta)
+        if self.top is None:
+            piece, stopped = self._text(delta)
+        else:
+            piece, stopped = self._text_logprobs(delta)
+            if self.echo and not self.echo_sent:   # the echo goes with its logprobs
+                self.echo_sent = True
+                piece = self.echo + piece
         finish = None
         if (failure := _engine_failure(delta)) is not None:
             events.append(out.error(APIError(503, failure, type_="server_error")))
@@ -442,9 +522,11 @@ class StreamedAnswer(_Answer):
             if stopped:
                 finish = "stop"
             elif delta.finish_reason is not None:
-                finish = delta.finish_reason
+                finish = "length" if self.echo_only else delta.finish_reason
                 piece += self.text.finish()
-            if piece:
+            if self.top is not None and self.entries:
+                events.append(out.text(piece, None, msgspec.json.encode(self._logprobs())))
+            elif piece:
                 events.append(out.text(piece))
         if finish is None:
             self.response.write(b"".join(events))

@@ -2,7 +2,9 @@
 
 It counts events, tracks which instances' cache state is trustworthy, and keeps the fleet KV index
 that the `kv` policy and the disaggregation decision read: fed by these events, or, in approximate
-mode, by the router's own decisions (then events are only counted).
+mode, by the router's own decisions (then events are only counted). An instance whose engine
+declared no block-hash scheme the head can reproduce (protocol.EngineInfo) has its events counted
+only: its hashes could never match a prompt's, and would only fill the index.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 from slurmserve.kvfabric.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSubscriber
 from slurmserve.kvfabric.kv_index import ApproxKVIndex, KVIndex
 from slurmserve.router.metrics import HeadMetrics
+from slurmserve.runtime.protocol import EngineInfo
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,7 @@ class KVState:
         self._from_events = type(self.index) is KVIndex
         self._tally = metrics.kv_events.tally
         self.unknown: set[int] = set()   # instances whose cache state we may have missed events of
+        self.unmatched: set[int] = set()  # instances whose block hashes the head cannot reproduce
         self.subscriber = KVEventSubscriber(self.on_batch, self.on_gap)
 
     def watch(self, instance: int, endpoint: str, server_key: bytes | None) -> None:
@@ -30,8 +34,20 @@ class KVState:
             self._tally[cls, instance] += 0   # every series shows from the start, at 0
         self.subscriber.add(instance, endpoint, server_key)
 
+    def declare(self, instance: int, info: EngineInfo) -> None:
+        """The instance's engine declared itself (EngineClient's on_instance_declared)."""
+        if info.hash_algo is None or not info.prefix_caching:
+            if instance not in self.unmatched:
+                log.info("instance %d: its KV events are counted, not indexed (no block-hash scheme the "
+                         "head can reproduce)", instance)
+            self.unmatched.add(instance)
+            if self._from_events:
+                self.index.forget(instance)
+        else:
+            self.unmatched.discard(instance)
+
     def on_batch(self, instance: int, seq: int, events: list) -> None:
-        if self._from_events:
+        if self._from_events and instance not in self.unmatched:
             self.index.apply(instance, events)
         tally = self._tally
         for ev in events:

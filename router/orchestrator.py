@@ -1,8 +1,13 @@
 """One request's path through the engines: aggregated, or prefill on one pool and decode on another.
 
-Disaggregated requests first run a prefill-only leg (max_tokens=1, `do_remote_decode`) and hand the
-`kv_transfer_params` it returns, untouched, to a decode instance. Any failure of the prefill leg
-falls back to prefilling on the decode instance, so the client still gets a normal answer.
+Disaggregated requests first run a `prefill_only` leg (max_tokens=1) and hand the handoff it returns,
+untouched and unread, to a decode instance as a `decode_with_handoff` leg: what a handoff holds is
+the engines' business (vLLM's kv_transfer_params, TensorRT-LLM's DisaggregatedParams). Any failure
+of the prefill leg falls back to prefilling on the decode instance, so the client still gets a
+normal answer.
+
+Prompt block hashes (for the `kv` policy and the fleet KV index) use the scheme the instances
+declared (EngineClient.prefix_hasher); `hasher` given here serves only until one has.
 
 Remote prefill is conditional: the decode instance (chosen first, by load) prefills locally when
 the prompt's part it does not cache is short, or a small fraction of the prompt, or when the prefill
@@ -35,9 +40,6 @@ from slurmserve.runtime import protocol as P
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 100_000   # session-affinity entries kept (least recently used go first)
-
-REMOTE_DECODE = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-                 "remote_block_ids": None, "remote_host": None, "remote_port": None}
 
 
 class RequestStream:
@@ -78,8 +80,7 @@ class RequestStream:
             self.generated += tokens
             if self._orch.migrate(self):
                 if tokens:   # what came before the loss; the rest comes from the new leg
-                    self._sink(P.Delta(self.req_id, tokens, num_prompt_tokens=delta.num_prompt_tokens,
-                                       num_cached_tokens=delta.num_cached_tokens))
+                    self._sink(msgspec.structs.replace(delta, finish_reason=None, error=None))
                 return
         self._sink(delta)
 
@@ -108,19 +109,20 @@ class Orchestrator:
         the caller must `release`. Raises NoInstanceError if no engine can take it. Requests of one
         `session` (a client-chosen id) stay on one instance while it lives. After the first delta,
         the next comes once `interval` tokens have queued up, or at the end."""
-        route = Route(prompt, self.hasher)
-        kv_params = None
+        route = Route(prompt, self._hasher())
+        handoff = None
         role = "decode" if self.disaggregated else "worker"
         inst = self._choose(role, route, session)
         uncached = self._uncached_blocks(role, route, inst)
-        if self.disaggregated and self._remote_prefill_pays(route, inst, uncached):
-            kv_params = await self._prefill(req_id, prompt, params, route)
+        # a decode instance that pulls its KV never computes the prompt: prompt logprobs need it local
+        if self.disaggregated and params.prompt_logprobs is None and self._remote_prefill_pays(route, inst, uncached):
+            handoff = await self._prefill(req_id, prompt, params, route)
             if not inst.up:   # it died while the prefill leg ran: another one pulls the KV
                 inst = self._choose(role, route, session)
                 uncached = self._uncached_blocks(role, route, inst)
-        if kv_params is not None:
+        if handoff is not None:
             uncached = 0     # the decode instance only pulls KV; it computes nothing
-        leg = self._submit(inst, req_id, route, params, kv_params, interval, uncached)
+        leg = self._submit(inst, req_id, route, params, handoff, interval, uncached)
         return RequestStream(self, req_id, prompt, params, session, interval, role, leg)
 
     def release(self, stream: RequestStream) -> None:
@@ -139,7 +141,7 @@ class Orchestrator:
             log.warning("request %s lost instance %d after %d tokens; not migrated (%d migrations, limit %d)",
                         stream.req_id, lost, n_out, stream.migrations, self.migration_limit)
             return False
-        route = Route(stream.prompt + stream.generated, self.hasher)
+        route = Route(stream.prompt + stream.generated, self._hasher())
         try:
             inst = self._choose(stream.role, route, stream.session)
         except NoInstanceError:
@@ -148,8 +150,9 @@ class Orchestrator:
             return False
         self.client.release(stream.leg)   # its share of the lost instance's load account
         stream.migrations += 1
+        # the answer has the first leg's prompt logprobs; the new leg's prompt is not the client's
         leg_params = msgspec.structs.replace(params, max_tokens=params.max_tokens - n_out,
-                                             min_tokens=max(0, params.min_tokens - n_out))
+                                             min_tokens=max(0, params.min_tokens - n_out), prompt_logprobs=None)
         stream.leg = self._submit(inst, f"{stream.req_id}-m{stream.migrations}", route, leg_params, None,
                                   stream.interval, self._uncached_blocks(stream.role, route, inst))
         stream.leg.attach(stream._feed)
@@ -158,10 +161,15 @@ class Orchestrator:
                  lost, n_out, inst.index)
         return True
 
+    def _hasher(self) -> PrefixHasher | None:
+        declared, hasher = self.client.prefix_hasher()
+        return hasher if declared else self.hasher
+
     def _submit(self, inst: Instance, req_id: str, route: Route, params: P.SamplingParams,
-                kv_params: dict | None, interval: int, uncached: int) -> DeltaStream:
+                handoff: dict | None, interval: int, uncached: int) -> DeltaStream:
         bs = inst.block_size
-        return self.client.submit(inst, req_id, route.prompt_token_ids, params, kv_params, interval,
+        phase = P.AGGREGATED if handoff is None else P.DECODE_WITH_HANDOFF
+        return self.client.submit(inst, req_id, route.prompt_token_ids, params, phase, handoff, interval,
                                   prefill_blocks=uncached, held_blocks=route.prompt_blocks(bs),
                                   held_hashes=route.known_hashes(bs))
 
@@ -204,7 +212,7 @@ class Orchestrator:
 
     async def _prefill(self, req_id: str, prompt: list[int], params: P.SamplingParams,
                        route: Route) -> dict | None:
-        """Run the prefill leg; the decode leg's kv_transfer_params, or None to prefill locally."""
+        """Run the prefill leg; the decode leg's handoff, or None to prefill locally."""
         try:
             inst = self.client.choose("prefill", route)
         except NoInstanceError:
@@ -212,7 +220,7 @@ class Orchestrator:
             return None
         leg = msgspec.structs.replace(params, max_tokens=1, min_tokens=0)
         uncached = route.prompt_blocks(inst.block_size) - route.overlap_blocks
-        stream = self.client.submit(inst, f"{req_id}-prefill", prompt, leg, dict(REMOTE_DECODE),
+        stream = self.client.submit(inst, f"{req_id}-prefill", prompt, leg, P.PREFILL_ONLY,
                                     prefill_blocks=uncached)
         last = None
         try:
@@ -225,10 +233,10 @@ class Orchestrator:
             return None
         finally:
             self.client.release(stream)
-        if last is None or last.finish_reason in ("error", "abort") or not last.kv_transfer_params:
+        if last is None or last.finish_reason in ("error", "abort") or not last.handoff:
             self.metrics.disagg.labels("fallback_prefill_failed").inc()
             log.warning("prefill of %s on instance %d failed (%s); prefilling on decode", req_id,
                         inst.index, last.error if last else "no output")
             return None
         self.metrics.disagg.labels("remote_prefill").inc()
-        return last.kv_transfer_params
+        return last.handoff

@@ -2,6 +2,11 @@
 
 An engine rank owns one engine instance. The worker loop (runtime/worker.py) calls `generate` once
 per request and forwards the deltas; everything engine-specific stays behind this interface.
+
+What crosses it is engine-neutral: an engine declares what the head must know (`info`: block size,
+block-hash scheme, batch capacity, prefix caching), disaggregated requests come as a phase with an
+opaque handoff (protocol.PREFILL_ONLY / DECODE_WITH_HANDOFF), and an instance that spans several
+ranks runs `follow` on every rank but its first (runtime/rank_main.py).
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from slurmserve.runtime.protocol import Delta, Load, SamplingParams
+from slurmserve.runtime import protocol as P
+from slurmserve.runtime.protocol import Delta, EngineInfo, Load, SamplingParams
 
 
 @dataclass
@@ -19,18 +25,27 @@ class EngineRequest:
     req_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    # None: ordinary request. {"do_remote_decode": True, ...}: prefill only, hold the KV for a
-    # decode instance and return where it lives. {"do_remote_prefill": True, ...}: the prompt's KV
-    # lives on a prefill instance; pull it instead of computing it.
+    # vLLM's kv_transfer_params, as engine-level callers (tests, bench) write a phase: read below as
+    # {"do_remote_decode": True} -> PREFILL_ONLY, {"do_remote_prefill": True, ...} -> DECODE_WITH_HANDOFF.
     kv_transfer_params: dict[str, Any] | None = None
+    phase: str = P.AGGREGATED
+    handoff: dict[str, Any] | None = None    # DECODE_WITH_HANDOFF: what the prefill leg returned
+
+    def __post_init__(self) -> None:
+        kv = self.kv_transfer_params
+        if kv and self.phase == P.AGGREGATED:
+            if kv.get("do_remote_decode"):
+                self.phase = P.PREFILL_ONLY
+            elif kv.get("do_remote_prefill"):
+                self.phase, self.handoff = P.DECODE_WITH_HANDOFF, kv
 
     @property
     def prefill_only(self) -> bool:
-        return bool(self.kv_transfer_params and self.kv_transfer_params.get("do_remote_decode"))
+        return self.phase == P.PREFILL_ONLY
 
     @property
     def remote_prefill(self) -> bool:
-        return bool(self.kv_transfer_params and self.kv_transfer_params.get("do_remote_prefill"))
+        return self.phase == P.DECODE_WITH_HANDOFF
 
 
 @dataclass
@@ -72,6 +87,17 @@ class Engine(abc.ABC):
     def load(self) -> Load:
         """Current running/waiting requests and KV usage, sent with every heartbeat."""
 
+    def info(self) -> EngineInfo:
+        """What the head must know, once started (sent in the first ready heartbeat). This default
+        declares no block-hash scheme: the head then routes the instance by load alone."""
+        load = self.load()
+        return EngineInfo(block_size=load.block_size, num_kv_blocks=load.num_kv_blocks)
+
+    async def follow(self) -> int:
+        """A follower rank's loop (instance_rank > 0; ctx.comm is the instance's communicator): take
+        part in the instance until its leader stops it; the rank's exit code."""
+        raise NotImplementedError(f"{type(self).__name__} cannot span several ranks")
+
 
 def create_engine(cfg, ctx: EngineContext) -> Engine:
     """Engines are imported lazily so that a sim deployment never imports vLLM or TensorRT-LLM."""
@@ -82,4 +108,7 @@ def create_engine(cfg, ctx: EngineContext) -> Engine:
     if kind == "vllm":
         from slurmserve.runtime.vllm_engine import VllmEngine
         return VllmEngine(cfg, ctx)
+    if kind == "trtllm":
+        from slurmserve.runtime.trtllm_engine import TrtllmEngine
+        return TrtllmEngine(cfg, ctx)
     raise NotImplementedError(f"engine.kind={kind!r} is not available in this build")

@@ -15,7 +15,14 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
+
+# Disaggregation phases of a request (Generate.phase). The head never reads a handoff: what a
+# prefill-only leg returns (Delta.handoff) goes, untouched, to the decode leg. Its encoding is the
+# engine's own (vLLM: kv_transfer_params; TensorRT-LLM: DisaggregatedParams fields).
+AGGREGATED = ""
+PREFILL_ONLY = "prefill_only"                  # compute the prompt's KV, hold it, return a handoff
+DECODE_WITH_HANDOFF = "decode_with_handoff"    # take the prompt's KV from the handoff, then decode
 
 
 class SamplingParams(msgspec.Struct, gc=False, omit_defaults=True, forbid_unknown_fields=True):
@@ -31,6 +38,12 @@ class SamplingParams(msgspec.Struct, gc=False, omit_defaults=True, forbid_unknow
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
+    logprobs: int | None = None          # logprobs of each sampled token, and of this many top ones
+    prompt_logprobs: int | None = None   # the same for each prompt token after the first
+    logit_bias: dict[int, float] | None = None
+    # Structured output, vLLM's StructuredOutputsParams fields: json (a schema), json_object,
+    # regex, choice, grammar, structural_tag, plus its whitespace/additional-properties options.
+    structured_outputs: dict[str, Any] | None = None
 
 
 # ---- head -> worker -----------------------------------------------------------------------------
@@ -39,9 +52,8 @@ class Generate(msgspec.Struct, gc=False, tag=True, omit_defaults=True):
     req_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    # Disaggregation: a prefill-only leg sets {"do_remote_decode": True, ...}; the decode leg
-    # carries the params the prefill leg returned, untouched.
-    kv_transfer_params: dict[str, Any] | None = None
+    phase: str = AGGREGATED
+    handoff: dict[str, Any] | None = None    # DECODE_WITH_HANDOFF: what the prefill leg returned
     # After the first token, send the tokens once this many have accumulated (and at the end):
     # the head's stream interval, or "never" for an answer that is only read whole.
     stream_interval: int = 1
@@ -53,7 +65,7 @@ class Abort(msgspec.Struct, gc=False, tag=True):
 
 class Shutdown(msgspec.Struct, gc=False, tag=True):
     reason: str = ""
-
+    failed: bool = False    # the deployment failed: ranks exit non-zero, at once
 
 class Ping(msgspec.Struct, gc=False, tag=True):
     """The head is alive; a worker that hears nothing from the head for a while exits. It also
@@ -76,6 +88,15 @@ OUTPUT_WINDOW = 2
 
 # ---- worker -> head -----------------------------------------------------------------------------
 
+class Logprobs(msgspec.Struct, gc=False, array_like=True):
+    """Log-probabilities at consecutive positions: of each position's token (sampled, or the
+    prompt's), and of the most likely tokens there, best first (empty lists when no top ones were
+    asked for). Raw floats: -inf stays -inf; the head clamps it as OpenAI's JSON needs."""
+    token: list[float]
+    top_ids: list[list[int]] = []
+    top: list[list[float]] = []
+
+
 class Delta(msgspec.Struct, gc=False, omit_defaults=True, array_like=True):
     req_id: str
     token_ids: list[int]
@@ -83,15 +104,30 @@ class Delta(msgspec.Struct, gc=False, omit_defaults=True, array_like=True):
     num_prompt_tokens: int = 0         # set on the first delta
     num_cached_tokens: int = 0         # set on the first delta: prefix-cache hits (local or remote)
     error: str | None = None
-    kv_transfer_params: dict[str, Any] | None = None  # set on a prefill-only leg's final delta
+    handoff: dict[str, Any] | None = None  # set on a prefill-only leg's final delta (opaque to the head)
+    logprobs: Logprobs | None = None         # of token_ids, when the request asked for them
+    prompt_logprobs: Logprobs | None = None  # on the first delta: prompt positions 1..n-1
+
+    @property
+    def kv_transfer_params(self) -> dict[str, Any] | None:
+        """The handoff under vLLM's name: for the sim and vLLM engines it is vLLM's kv_transfer_params."""
+        return self.handoff
 
 
 def merge_deltas(deltas: list[Delta]) -> Delta:
     """One delta with the tokens of consecutive deltas of one request; the last one's ending."""
     first, last = deltas[0], deltas[-1]
     tokens = [t for d in deltas for t in d.token_ids]
+    logprobs = None
+    if any(d.logprobs is not None for d in deltas):
+        logprobs = Logprobs([], [], [])
+        for d in deltas:
+            if d.logprobs is not None:
+                logprobs.token += d.logprobs.token
+                logprobs.top_ids += d.logprobs.top_ids
+                logprobs.top += d.logprobs.top
     return Delta(first.req_id, tokens, last.finish_reason, first.num_prompt_tokens,
-                 first.num_cached_tokens, last.error, last.kv_transfer_params)
+                 first.num_cached_tokens, last.error, last.handoff, logprobs, first.prompt_logprobs)
 
 
 def coalesce(deltas: list[Delta]) -> list[Delta]:
@@ -123,10 +159,27 @@ class Load(msgspec.Struct, gc=False, omit_defaults=True):
     prefix_cache_hits: int = 0     # ... and found there (vLLM's vllm:prefix_cache_queries / _hits)
 
 
+class EngineInfo(msgspec.Struct, gc=False, omit_defaults=True):
+    """What the head must know about an instance, declared by its engine in the first ready
+    heartbeat, so that the head reads no engine's own configuration keys."""
+    kind: str = ""
+    block_size: int = 0
+    num_kv_blocks: int = 0
+    max_num_seqs: int = 0              # batch capacity
+    prefix_caching: bool = False
+    # The instance's KV events carry vLLM's chained block hashes with this algorithm ("sha256",
+    # "sha256_cbor") seeded by hash_seed (kvfabric/block_hash.py): the head can then hash prompts to
+    # match them. None: it cannot, so it routes that instance by load alone.
+    hash_algo: str | None = None
+    hash_seed: str | None = None
+    ranks: int = 1                     # MPI ranks the instance spans (its followers included)
+
+
 class Heartbeat(msgspec.Struct, gc=False, tag=True):
     instance: int
     load: Load
     ready: bool = True
+    info: EngineInfo | None = None     # in the first ready heartbeat
 
 
 class Goodbye(msgspec.Struct, gc=False, tag=True):

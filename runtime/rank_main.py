@@ -13,9 +13,12 @@ from pathlib import Path
 import uvloop
 
 from slurmserve.config import DeploymentConfig
+from slurmserve.stale_dirs import remove_stale_dirs
 from slurmserve.kvfabric.relay import KVEventRelay
+from slurmserve.launcher.registry import HeadRegistration
 from slurmserve.runtime.bootstrap import BootstrapError, World, bootstrap, free_port
 from slurmserve.runtime.engine import EngineContext, create_engine
+from slurmserve.runtime.weight_stage import StageError, stage_weights
 from slurmserve.runtime.worker import Worker
 
 log = logging.getLogger("slurmserve.rank")
@@ -65,7 +68,20 @@ def run_rank(cfg: DeploymentConfig) -> int:
         return 2
     p = world.placement
     _setup_logging(p.rank, p.role, cfg)
+    if p.is_head:   # `slurmserve bench ready` times start-up by these marks
+        HeadRegistration.mark_phase(cfg, "bootstrapped", new=True)
+    try:
+        # every rank, together: this node's copy of the model (model.stage), or model.path itself
+        name = cfg.model.served_name              # the served name stays the source's
+        cfg.model.path = stage_weights(cfg, world.comm)
+        cfg.model.name = name
+    except StageError as e:                       # raised alike on every rank
+        log.error("%s", e)
+        if p.is_head:
+            _record_head_failure(cfg, str(e), 2)
+        return 2
     if p.is_head:
+        HeadRegistration.mark_phase(cfg, "staged")
         code = _run_head(cfg, world, *head_sock["zmq"][:2])
     else:
         try:
@@ -83,7 +99,6 @@ def run_rank(cfg: DeploymentConfig) -> int:
 
 
 def _run_head(cfg: DeploymentConfig, world: World, zctx, sock) -> int:
-    from slurmserve.launcher.registry import HeadRegistration
     from slurmserve.router.head import Head, HeadError
 
     code, error = 1, None   # on failure the head has told the workers to stop, so the job ends
@@ -95,47 +110,50 @@ def _run_head(cfg: DeploymentConfig, world: World, zctx, sock) -> int:
     except Exception as e:
         error = f"the head failed: {type(e).__name__}: {e} (log: {cfg.log_dir / 'rank-0.log'})"
         log.exception("the head failed")
-    # mpirun in recovery mode exits 0 whatever the ranks did; `slurmserve serve` reads this.
+    _record_head_failure(cfg, error, code)
+    return code
+
+
+def _record_head_failure(cfg: DeploymentConfig, error: str | None, code: int) -> None:
+    """The head's exit code (mpirun in recovery mode exits 0 whatever the ranks did; `slurmserve
+    serve` reads it) and, when the deployment failed, why: in the log dir and the job registry."""
+    from slurmserve.launcher.registry import HeadRegistration
+
     (cfg.log_dir / HEAD_EXIT_FILE).write_text(f"{code}\n")
     if error is not None:
         (cfg.log_dir / HEAD_ERROR_FILE).write_text(error.splitlines()[0] + "\n")
         reg = HeadRegistration.from_env(cfg)
         if reg is not None:
             reg.failed(error.splitlines()[0])
-    return code
 
 
 def kv_private_dir(tmp: str | None = None) -> str:
     """A new 0700 directory for this rank's ipc:// KV-event socket, named with its pid. Directories
     that a killed rank of this user left behind (their pid has gone) are removed first."""
     tmp = tmp or tempfile.gettempdir()
-    uid = os.getuid()
-    for d in Path(tmp).glob(f"{KV_DIR_PREFIX}*"):
-        pid = d.name[len(KV_DIR_PREFIX):].partition("-")[0]
-        try:
-            if d.stat().st_uid != uid or not pid.isdigit() or _alive(int(pid)):
-                continue
-        except OSError:
-            continue
-        shutil.rmtree(d, ignore_errors=True)
+    remove_stale_dirs(Path(tmp), KV_DIR_PREFIX)
     return tempfile.mkdtemp(prefix=f"{KV_DIR_PREFIX}{os.getpid()}-", dir=tmp)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+async def _run_follower(cfg: DeploymentConfig, world: World) -> int:
+    """A rank after its instance's first: it takes part in the instance through the engine's
+    follower loop (its instance communicator), and the instance's leader stops it."""
+    p = world.placement
+    leader = world.ranks[p.rank - p.instance_rank]
+    log.info("rank %d follows instance %d (instance rank %d, leader rank %d on %s)", p.rank, p.instance,
+             p.instance_rank, leader.rank, leader.hostname)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)    # the head drains; the leader stops us
+    ctx = EngineContext(instance=p.instance, role=p.role, host=world.ranks[p.rank].address,
+                        kv_events_endpoint="", kv_side_channel_port=0, comm=world.instance_comm,
+                        extra={"leader_host": leader.address})
+    return await create_engine(cfg, ctx).follow()
 
 
 async def _run_engine_rank(cfg: DeploymentConfig, world: World, kv_curve_keys, side_channel_keys=None) -> int:
     p = world.placement
     me = world.ranks[p.rank]
     if p.instance_rank != 0:
-        raise NotImplementedError("multi-rank engine instances arrive with the TensorRT-LLM engine")
+        return await _run_follower(cfg, world)
     # The engine publishes KV events where only this user can connect; the relay re-publishes them
     # on the job's network to CURVE clients (kvfabric/relay.py says why).
     private = kv_private_dir()

@@ -35,9 +35,13 @@ the model has an EOS id and the request does not ignore it, EOS is drawn with pr
 `eos_probability` per token once `min_tokens` are out (finish "stop"); stop_token_ids finish
 "stop" when drawn after `min_tokens` and are never drawn before.
 
-Disaggregation: a prefill-only request (kv_transfer_params with do_remote_decode) prefills, yields
-exactly one token and finishes "length" with kv_transfer_params describing where its KV lives. A
-remote-prefill request (do_remote_prefill) counts its whole prompt as already computed (reported
+Logprobs (when asked for) are deterministic stand-ins (`_logprobs_at`): the sampled token is the
+most likely one; prompt logprobs depend only on (sim.seed, the prompt). logit_bias acts only at its
+extremes: +100 forces that token, -100 bans it. Structured outputs are refused.
+
+Disaggregation: a prefill-only request (phase PREFILL_ONLY) prefills, yields exactly one token and
+finishes "length" with a handoff (vLLM's kv_transfer_params format) describing where its KV lives. A
+remote-prefill request (DECODE_WITH_HANDOFF) counts its whole prompt as already computed (reported
 as cached tokens, and the part not already in its prefix cache as Load.external_kv_tokens, like
 vLLM's external_kv_transfer prompt tokens) and starts decoding once it has the prompt's KV:
   * Real KV movement (prefill and decode instances given side-channel keys by the runtime, and
@@ -73,7 +77,7 @@ from slurmserve.kvfabric.block_hash import BlockHasher
 from slurmserve.kvfabric.events import BlockRemoved, BlockStored, KVEventPublisher
 from slurmserve.kvfabric.kv_transfer import KVTransfer, create_kv_transfer, fill_kv, kv_matches
 from slurmserve.runtime.engine import Engine, EngineContext, EngineRequest
-from slurmserve.runtime.protocol import Delta, Load
+from slurmserve.runtime.protocol import Delta, EngineInfo, Load, Logprobs
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +157,8 @@ class _Req:
     __slots__ = ("req_id", "prompt_len", "tokens", "max_tokens", "min_tokens", "ignore_eos", "stop_ids",
                  "num_computed", "block_ids", "hashes", "num_stored", "num_cached", "num_out", "rng",
                  "out", "finish", "shown", "shown_finish", "error", "waiter", "first_sent", "prefill_only",
-                 "remote", "kv_params", "kv_out", "state")
+                 "remote", "kv_params", "kv_out", "state", "num_logprobs", "out_lp", "shown_lp",
+                 "forced", "avoid")
 
     def __init__(self, request: EngineRequest, rng: int, max_tokens: int):
         p = request.params
@@ -180,9 +185,16 @@ class _Req:
         self.first_sent = False
         self.prefill_only = request.prefill_only
         self.remote = request.remote_prefill
-        self.kv_params = request.kv_transfer_params
+        self.kv_params = request.handoff
         self.kv_out: dict | None = None
         self.state = _WAITING
+        self.num_logprobs = p.logprobs    # None: no logprobs; else top ones per sampled token
+        self.out_lp: list[tuple] = []     # (logprob, top ids, top logprobs) of each token in `out`
+        self.shown_lp: list[tuple] = []   # ... and in `shown`
+        # logit_bias, at its extremes only: +100 makes that token the only one drawn, -100 bans it
+        bias = p.logit_bias or {}
+        self.forced = max((t for t, b in bias.items() if b >= 100), default=None)
+        self.avoid = frozenset(t for t, b in bias.items() if b <= -100)
 
 
 class SimEngine(Engine):
@@ -246,6 +258,7 @@ class SimEngine(Engine):
         self.external_kv_tokens = 0
         self.kv_transfers_verified = 0
         self.kv_transfers_failed = 0
+        self._mirror = None               # follower ranks mirroring our steps (runtime/sim_mirror.py)
 
     # ---- Engine interface -----------------------------------------------------------------------
 
@@ -264,6 +277,10 @@ class SimEngine(Engine):
             log.info("KV transfer: %s backend, %d blocks of %d bytes, side channel %s",
                      self.kv_transfer.backend, self.num_blocks, self.kv_transfer.block_bytes,
                      self.kv_transfer.address)
+        comm = self.ctx.comm
+        if comm is not None and comm.Get_size() > 1:
+            from slurmserve.runtime.sim_mirror import StepMirror
+            self._mirror = StepMirror(comm)
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="sim-engine")
 
@@ -282,6 +299,9 @@ class SimEngine(Engine):
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
+        mirror, self._mirror = self._mirror, None
+        if mirror is not None:
+            await asyncio.to_thread(mirror.close)
         transfer, self.kv_transfer = self.kv_transfer, None
         if transfer is not None:
             await asyncio.to_thread(transfer.close)   # waits for an in-flight pull to end
@@ -294,6 +314,16 @@ class SimEngine(Engine):
                     kv_usage=(n - len(self._free)) / n, num_kv_blocks=n, block_size=self.block_size,
                     prefix_cache_queries=self.prefix_query_tokens, prefix_cache_hits=self.prefix_hit_tokens,
                     external_kv_tokens=self.external_kv_tokens)
+
+    def info(self) -> EngineInfo:
+        comm = self.ctx.comm
+        return EngineInfo(kind="sim", block_size=self.block_size, num_kv_blocks=self.num_blocks,
+                          max_num_seqs=self.max_num_seqs, prefix_caching=True, hash_algo=self.hasher.algo,
+                          hash_seed=self.hasher.hash_seed, ranks=comm.Get_size() if comm is not None else 1)
+
+    async def follow(self) -> int:
+        from slurmserve.runtime.sim_mirror import follow
+        return await follow(self.ctx.comm)
 
     def abort(self, req_id: str) -> None:
         req = self._reqs.get(req_id)
@@ -321,11 +351,18 @@ class SimEngine(Engine):
                 toks, req.shown = req.shown, []
                 finish = req.shown_finish
                 if req.first_sent:
-                    yield Delta(req_id, toks, finish, error=req.error, kv_transfer_params=req.kv_out)
+                    delta = Delta(req_id, toks, finish, error=req.error, handoff=req.kv_out)
                 else:
                     req.first_sent = True
-                    yield Delta(req_id, toks, finish, req.prompt_len, req.num_cached or 0, req.error,
-                                req.kv_out)
+                    delta = Delta(req_id, toks, finish, req.prompt_len, req.num_cached or 0, req.error,
+                                  req.kv_out)
+                    if request.params.prompt_logprobs is not None:
+                        delta.prompt_logprobs = self._prompt_logprobs(request.prompt_token_ids,
+                                                                      request.params.prompt_logprobs)
+                if req.num_logprobs is not None:
+                    lps, req.shown_lp = req.shown_lp, []
+                    delta.logprobs = Logprobs([x[0] for x in lps], [x[1] for x in lps], [x[2] for x in lps])
+                yield delta
                 if finish is not None:
                     return
         finally:
@@ -423,6 +460,8 @@ class SimEngine(Engine):
             return f"prompt of {n} tokens does not fit max_model_len={self.max_model_len}"
         if n + 1 > self.num_blocks * self.block_size:
             return f"prompt of {n} tokens does not fit the {self.num_blocks} KV blocks"
+        if request.params.structured_outputs:
+            return "the sim engine has no structured output (response_format, structured_outputs)"
         return None
 
     def _seed_for(self, request: EngineRequest) -> int:
@@ -458,6 +497,9 @@ class SimEngine(Engine):
         if req.out:
             req.shown += req.out
             req.out = []
+            if req.out_lp:
+                req.shown_lp += req.out_lp
+                req.out_lp = []
         req.shown_finish = req.finish
 
     @staticmethod
@@ -708,6 +750,8 @@ class SimEngine(Engine):
         banned = self._banned
         stop_ids = req.stop_ids
         may_stop = n_out >= req.min_tokens
+        if req.avoid:
+            banned = banned | req.avoid
         if banned or (stop_ids and not may_stop):
             span, lo = self._tok_span, self._tok_lo
             for _ in range(span):
@@ -715,7 +759,11 @@ class SimEngine(Engine):
                     tok = lo + (tok - lo + 1) % span
                 else:
                     break
-        if may_stop:
+        if req.forced is not None:
+            tok = req.forced
+            if may_stop and stop_ids and tok in stop_ids:
+                finish = "stop"
+        elif may_stop:
             if self._eos_threshold and not req.ignore_eos and ((state >> 16) & 0xFFFF) < self._eos_threshold:
                 tok = self.eos_token_id
                 finish = "stop"
@@ -724,12 +772,60 @@ class SimEngine(Engine):
         req.tokens.append(tok)
         req.out.append(tok)
         req.num_out = n_out
+        if req.num_logprobs is not None:
+            req.out_lp.append(self._logprobs_at(tok, state, True, req.num_logprobs))
         if finish is None and (n_out >= req.max_tokens or len(req.tokens) >= self._cap_tokens):
             finish = "length"
         if finish is not None:
             req.finish = finish
             if req.prefill_only:
                 req.kv_out = self.export_remote_kv(req.req_id, req.block_ids, req.prompt_len)
+
+    # ---- logprobs: deterministic, well-formed stand-ins ----------------------------------------------
+
+    def _logprobs_at(self, tok: int, h: int, top1: bool, k: int) -> tuple[float, list[int], list[float]]:
+        """(logprob of `tok`, the k most likely ids, their logprobs) at a position, from 64 bits `h`.
+        `tok` is the most likely token when `top1` (it was sampled: the sim is greedy-like), with
+        probability p in (0.37, 0.995]; otherwise some other token is, and `tok` has p < 0.3. The rest
+        of the mass halves from rank to rank, so the top list is strictly decreasing."""
+        lo, span = self._tok_lo, self._tok_span
+        if top1:
+            p = 0.995 - ((h >> 8) & 0xFF) / 256 * 0.62
+            ids, probs = [tok], [p]
+        else:
+            p = 0.01 + ((h >> 8) & 0xFF) / 256 * 0.29
+            other = lo + (tok - lo + 1 + (h >> 16) % (span - 1)) % span
+            ids, probs = [other], [1.0 - p - 0.01]
+        rest = 1.0 - sum(probs) - (0.0 if top1 else p)
+        j = 1
+        while len(ids) < k:
+            t = lo + (tok - lo + 7 * j) % span
+            j += 1
+            if t in ids or t == tok:
+                continue
+            rest /= 2
+            ids.append(t)
+            probs.append(rest)
+        if not top1 and k and p > probs[-1] and tok not in ids:   # it belongs in the list by rank
+            at = next(i for i, q in enumerate(probs) if p > q)
+            ids.insert(at, tok)
+            probs.insert(at, p)
+            ids, probs = ids[:k], probs[:k]
+        log = math.log
+        return log(p), ids[:k], [log(q) for q in probs[:k]]
+
+    def _prompt_logprobs(self, prompt: list[int], k: int) -> Logprobs:
+        """Prompt positions 1..n-1, each from (sim.seed, the previous token, the token, position):
+        the same prompt gives the same values on any instance."""
+        out = Logprobs([], [], [])
+        base = _mix64(self.sim.seed ^ 0x5851F42D4C957F2D)
+        for i in range(1, len(prompt)):
+            h = _mix64(base ^ (prompt[i - 1] << 40) ^ (prompt[i] << 16) ^ i)
+            lp, ids, lps = self._logprobs_at(prompt[i], h, h & 3 == 0, k)
+            out.token.append(lp)
+            out.top_ids.append(ids)
+            out.top.append(lps)
+        return out
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -765,6 +861,8 @@ class SimEngine(Engine):
                 t0 = perf()
                 steps = self.steps
                 ms = self._schedule_step()
+                if self._mirror is not None and self.steps != steps:
+                    self._mirror.step(self.steps, ms)
                 if self._removed or self._stored:
                     self._publish()
                 if self.steps == steps and (self._loading or self.kv_transfer is not None):

@@ -47,7 +47,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from slurmserve.runtime.engine import Engine, EngineContext, EngineRequest
-from slurmserve.runtime.protocol import Delta, Load, SamplingParams
+from slurmserve.kvfabric.block_hash import resolve_hash_seed
+from slurmserve.runtime.protocol import Delta, EngineInfo, Load, Logprobs, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,35 @@ class _compat:
             detokenize=False,                      # the head detokenizes
             # The KV connector reads Request.kv_transfer_params from here (vllm/v1/request.py).
             extra_args={"kv_transfer_params": dict(kv_transfer_params)} if kv_transfer_params else None,
+            logprobs=p.logprobs,
+            prompt_logprobs=p.prompt_logprobs,
+            logit_bias=p.logit_bias,
+            structured_outputs=_compat.structured_outputs(p.structured_outputs),
         )
+
+    @staticmethod
+    def structured_outputs(spec: dict[str, Any] | None):
+        if not spec:
+            return None
+        try:   # 0.32; older releases call it GuidedDecodingParams
+            from vllm.sampling_params import StructuredOutputsParams
+        except ImportError:
+            from vllm.sampling_params import GuidedDecodingParams as StructuredOutputsParams
+        return StructuredOutputsParams(**spec)
+
+    @staticmethod
+    def logprobs(positions: Any, token_ids: Any, top: int) -> Logprobs:
+        """Our Logprobs of vLLM's per-position {token id: Logprob} dicts (the position's own token
+        first, then the top ones by rank), for the positions' tokens `token_ids`."""
+        tok, top_ids, top_lps = [], [], []
+        for tid, pos in zip(token_ids, positions):
+            tok.append(pos[tid].logprob)
+            if top:
+                best = sorted((lp.rank, i, lp.logprob) for i, lp in pos.items() if lp.rank is not None
+                              and lp.rank <= top)
+                top_ids.append([i for _, i, _ in best])
+                top_lps.append([lp for _, _, lp in best])
+        return Logprobs(tok, top_ids, top_lps)
 
     @staticmethod
     def finish_reason(reason: Any) -> str | None:
@@ -215,6 +244,13 @@ class _compat:
         cache = llm.vllm_config.cache_config
         return int(getattr(cache, "num_gpu_blocks", None) or 0), int(cache.block_size or 0)
 
+    @staticmethod
+    def cache_policy(llm: Any) -> tuple[bool, str, int]:
+        """(prefix caching on, its hash algorithm, max_num_seqs) of the running engine."""
+        cache, sched = llm.vllm_config.cache_config, llm.vllm_config.scheduler_config
+        return (bool(cache.enable_prefix_caching), str(getattr(cache, "prefix_caching_hash_algo", "sha256")),
+                int(sched.max_num_seqs))
+
 
 class _LoadSink:
     """The latest scheduler stats and running prompt-token totals, written by the stat logger on
@@ -281,6 +317,22 @@ def kv_events_bind_endpoint(endpoint: str) -> str:
     if not port.isdigit():
         raise ValueError(f"KV events endpoint {endpoint!r} has no port")
     return f"tcp://*:{port}"
+
+
+# The request-side kv_transfer_params of a prefill-only leg, as vLLM's disaggregation proxy sends them:
+# the connector holds the prompt's KV for a remote decode and returns where it lives.
+REMOTE_DECODE = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                 "remote_block_ids": None, "remote_host": None, "remote_port": None}
+
+
+def kv_transfer_params(request: EngineRequest) -> dict[str, Any] | None:
+    """vLLM's encoding of a request's phase: the handoff of a decode leg is the kv_transfer_params
+    its prefill leg returned, passed back untouched (altered block ids give wrong tokens)."""
+    if request.prefill_only:
+        return dict(REMOTE_DECODE)
+    if request.remote_prefill:
+        return dict(request.handoff or {})
+    return None
 
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*")
@@ -522,6 +574,16 @@ class VllmEngine(Engine):
                     external_kv_tokens=s.prompt_tokens["external_kv_transfer"],
                     prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits)
 
+    def info(self) -> EngineInfo:
+        caching, algo, max_num_seqs = _compat.cache_policy(self.llm)
+        # The engine core seeds NONE_HASH from the environment it inherited from this rank
+        # (hash_seed_env); xxhash algorithms seed it randomly, so the head cannot follow them.
+        known = caching and algo in _CRYPTO_HASH_ALGOS
+        return EngineInfo(kind="vllm", block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+                          max_num_seqs=max_num_seqs, prefix_caching=caching, hash_algo=algo if known else None,
+                          hash_seed=resolve_hash_seed(None) if known else None,
+                          ranks=self.ctx.comm.Get_size() if self.ctx.comm is not None else 1)
+
     def stats(self) -> dict[str, Any]:
         """Counters beyond Load: prompt tokens by source since start (local_compute,
         local_cache_hit, external_kv_transfer) and the last KV connector stats vLLM reported."""
@@ -544,7 +606,7 @@ class VllmEngine(Engine):
             if request.prefill_only:
                 # The prefill leg only fills (and holds) the KV; the decode leg makes every token.
                 max_tokens, min_tokens = 1, 0
-            sp = _compat.sampling_params(p, max_tokens, min_tokens, request.kv_transfer_params)
+            sp = _compat.sampling_params(p, max_tokens, min_tokens, kv_transfer_params(request))
             prompt = _compat.tokens_prompt(list(request.prompt_token_ids))
             if stream.aborted:   # aborted before it reached the engine
                 yield Delta(req_id, [], finish_reason="abort",
@@ -579,14 +641,22 @@ class VllmEngine(Engine):
     def _delta(self, request: EngineRequest, out: Any, first: bool) -> Delta:
         comp = out.outputs[0] if out.outputs else None
         delta = Delta(request.req_id, list(comp.token_ids) if comp is not None else [])
+        p = request.params
+        if p.logprobs is not None and comp is not None and comp.logprobs is not None:
+            delta.logprobs = _compat.logprobs(comp.logprobs, delta.token_ids, p.logprobs)
         if first:
             delta.num_prompt_tokens = len(out.prompt_token_ids or request.prompt_token_ids)
             delta.num_cached_tokens = _compat.num_cached_tokens(out)
+            if p.prompt_logprobs is not None and out.prompt_logprobs:
+                # (position 0 has none: vLLM's list starts with None)
+                prompt = out.prompt_token_ids or request.prompt_token_ids
+                delta.prompt_logprobs = _compat.logprobs(out.prompt_logprobs[1:], prompt[1:],
+                                                         p.prompt_logprobs)
         if out.finished:
             reason = _compat.finish_reason(comp.finish_reason if comp is not None else None)
             delta.finish_reason = reason or "stop"
             if reason == "error":
                 delta.error = "vLLM reported a request error (e.g. a failed KV transfer)"
             if out.kv_transfer_params:
-                delta.kv_transfer_params = dict(out.kv_transfer_params)
+                delta.handoff = dict(out.kv_transfer_params)
         return delta

@@ -52,6 +52,7 @@ class Worker:
         self.head_timeout_s = head_timeout_s
         self.head_seen: float | None = None
         self.gave_up: str | None = None     # why the worker left a head that did not tell it to
+        self.deployment_failed = False      # the head stopped us because the deployment failed
         self.ctx = zmq.Context()
         self._zsock = self.ctx.socket(zmq.DEALER)
         self._zsock.setsockopt(zmq.IDENTITY, f"instance-{instance}".encode())
@@ -97,7 +98,7 @@ class Worker:
             self._flush()
 
     async def _run_request(self, msg: P.Generate) -> None:
-        req = EngineRequest(msg.req_id, msg.prompt_token_ids, msg.params, msg.kv_transfer_params)
+        req = EngineRequest(msg.req_id, msg.prompt_token_ids, msg.params, phase=msg.phase, handoff=msg.handoff)
         interval, held, n_held, sent_first = msg.stream_interval, [], 0, False
         try:
             async for delta in self.engine.generate(req):
@@ -135,13 +136,19 @@ class Worker:
 
     async def _heartbeats(self) -> None:
         """While the engine starts, heartbeats say `ready=False`: the head then knows this rank is
-        alive, and notices when it dies before it is up."""
+        alive, and notices when it dies before it is up. The first ready one carries the engine's
+        declaration (protocol.EngineInfo): messages on this connection arrive in order or not at
+        all (a lost connection ends the worker), so once is enough."""
+        declared = False
         while not self.stopping.is_set():
             if self.head_seen is not None and time.monotonic() - self.head_seen > self.head_timeout_s:
                 self._give_up(f"no message from the head for {self.head_timeout_s:.0f} s")
                 return
+            info = None
+            if self.started and not declared:
+                info, declared = self.engine.info(), True
             load = self.engine.load() if self.started else P.Load()
-            self.sock.send(P.encode(P.Heartbeat(self.instance, load, ready=self.started)))
+            self.sock.send(P.encode(P.Heartbeat(self.instance, load, ready=self.started, info=info)))
             try:
                 await asyncio.wait_for(self.stopping.wait(), self.heartbeat_interval_s)
             except TimeoutError:
@@ -173,11 +180,12 @@ class Worker:
                     self.engine.abort(req_id)
         elif type(msg) is P.Shutdown:
             log.info("shutdown requested by the head: %s", msg.reason)
+            self.deployment_failed = msg.failed
             self.stopping.set()
 
     async def run(self) -> int:
         """Build and start the engine, serve until the head says stop (or a signal); 0 then, 1 when
-        the engine failed (the head has been told why) or the head is gone."""
+        the engine failed (the head has been told why), the deployment failed, or the head is gone."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -217,4 +225,4 @@ class Worker:
         self._zsock.disable_monitor()
         self.sock.close(linger_ms=200)
         self.ctx.term()
-        return 1 if code or self.gave_up else 0
+        return 1 if code or self.gave_up or self.deployment_failed else 0

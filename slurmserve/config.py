@@ -6,6 +6,8 @@ is derivable from the config plus its MPI rank.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -74,15 +76,18 @@ class SimConfig(_Strict):
                             "importable), or none (no bytes; a modelled cost per block).")
 
 
-# Engine kinds this build can run (runtime/engine.py create_engine). TensorRT-LLM is planned: its
-# rank layout (ranks_per_instance) is in place, its engine is not, so a config naming it is refused
-# here, before anything is submitted, rather than by a rank that cannot start.
-AVAILABLE_ENGINES = ("sim", "vllm")
+# Engine kinds this build can run (runtime/engine.py create_engine).
+AVAILABLE_ENGINES = ("sim", "vllm", "trtllm")
+TRTLLM_UNVERIFIED = ("engine.kind trtllm: the TensorRT-LLM adapter (runtime/trtllm_engine.py) has been "
+                     "tested only against a stand-in of TensorRT-LLM's LLM API, never against real TensorRT-LLM")
 
 
 class EngineConfig(_Strict):
     kind: Literal["sim", "vllm", "trtllm"] = "sim"
     tensor_parallel_size: int = Field(1, ge=1)
+    nodes_per_instance: int = Field(1, ge=1, description="sim and vllm: ranks (one per node) one instance "
+                                    "spans; vLLM then runs multi-node tensor/pipeline parallel, its "
+                                    "followers headless. trtllm runs one rank per GPU instead.")
     args: dict[str, Any] = Field(default_factory=dict, description="Passed through to the engine.")
     sim: SimConfig = Field(default_factory=SimConfig)
 
@@ -92,12 +97,20 @@ class EngineConfig(_Strict):
         if kind not in AVAILABLE_ENGINES:
             raise ValueError(f"{kind!r} is not available in this build "
                              f"(available: {', '.join(AVAILABLE_ENGINES)})")
+        if kind == "trtllm":
+            # refused here, before anything is submitted, rather than by a rank that cannot start
+            if importlib.util.find_spec("tensorrt_llm") is None:
+                raise ValueError("'trtllm' needs the tensorrt_llm package (TensorRT-LLM), which does not "
+                                 "import here")
+            logging.getLogger(__name__).warning("%s", TRTLLM_UNVERIFIED)
         return kind
 
     @property
     def ranks_per_instance(self) -> int:
-        # TensorRT-LLM runs one MPI rank per GPU; vLLM and the simulator own a whole instance in one rank.
-        return self.tensor_parallel_size if self.kind == "trtllm" else 1
+        # TensorRT-LLM runs one MPI rank per GPU; vLLM and the simulator one per node of the instance.
+        if self.kind == "trtllm":
+            return self.tensor_parallel_size * int(self.args.get("pipeline_parallel_size", 1))
+        return self.nodes_per_instance
 
 
 class PoolsConfig(_Strict):
@@ -244,6 +257,9 @@ class DeploymentConfig(_Strict):
             raise ValueError(
                 f"engine.sim holds {sim.num_kv_blocks * sim.block_size} KV tokens, fewer than "
                 f"model.max_model_len={self.model.max_model_len}")
+        if self.engine.kind == "vllm" and self.engine.nodes_per_instance > 1:
+            # vLLM's multi-node executor (nnodes/node_rank, followers headless) is not wired up yet
+            raise ValueError("engine.nodes_per_instance > 1 is not implemented for vllm yet (sim only)")
         n = len(self.pools.instances())
         if self.runtime.min_instances is not None and self.runtime.min_instances > n:
             raise ValueError(f"runtime.min_instances={self.runtime.min_instances} is more than the "

@@ -92,11 +92,11 @@ def test_a_rank_that_dies_while_starting_fails_the_job_unless_min_instances_allo
 
 
 def test_a_head_that_fails_at_startup_ends_the_job_at_once(tiny_model_dir, tmp_path):
-    """An empty config.json kills the head while it loads the tokenizer, before it has spoken to any
-    engine. The engines used to wait a minute for it; its closed port now tells them at once."""
+    """An empty tokenizer.json kills the head while it loads the tokenizer, before it has spoken to
+    any engine. The engines used to wait a minute for it; its closed port now tells them at once."""
     model = tmp_path / "broken-model"
     shutil.copytree(tiny_model_dir, model)
-    (model / "config.json").write_text("")
+    (model / "tokenizer.json").write_text("")
     cfg = sim_config(model, workers=2)
     started = time.time()
     dep = LocalDeployment(tmp_path, cfg).launch()
@@ -177,12 +177,12 @@ def slurm_state(tmp_path, monkeypatch):
 
 @pytest.mark.slurm
 def test_a_failed_job_ends_and_status_and_wait_say_why(cluster, slurm_state, tmp_path, tiny_model_dir):
-    """The head dies loading an empty config.json. `wait` used to return after about a minute with
+    """The head dies loading an empty tokenizer.json. `wait` used to return after about a minute with
     only FAILED / NonZeroExitCode; now the registry holds the head's error and the job has ended."""
     from test_slurm_launcher import assert_nothing_left, cli, sim_dict, write_config
     model = tmp_path / "broken-model"
     shutil.copytree(tiny_model_dir, model)
-    (model / "config.json").write_text("")
+    (model / "tokenizer.json").write_text("")
     cfg = write_config(tmp_path, sim_dict(model, tmp_path / "logs", workers=2))
     r = cli("submit", str(cfg), "--nodes", "1", "--time", "5", "--partition", cluster)
     assert r.returncode == 0, r.stderr

@@ -90,7 +90,8 @@ def test_penalties_are_accepted_and_unsupported_options_refused(agg):
     assert r.usage.completion_tokens >= 1
     refused = [(dict(presence_penalty=2.5), "presence_penalty"), (dict(extra_body={"min_p": 1.5}), "min_p"),
                (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
-               (dict(logit_bias={"5": 10}), "logit_bias"), (dict(suffix="end"), "suffix"),
+               (dict(logit_bias={"999999": 10}), "logit_bias"), (dict(logit_bias={"5": 101}), "logit_bias"),
+               (dict(suffix="end"), "suffix"),
                (dict(best_of=2), "best_of")]
     for kw, param in refused:
         with pytest.raises(openai.BadRequestError) as e:
@@ -104,6 +105,68 @@ def test_penalties_are_accepted_and_unsupported_options_refused(agg):
         assert e.value.body["param"] == param
     ok = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, response_format={"type": "text"})
     assert ok.choices[0].message.content is not None
+
+
+def test_logprobs_whole_streamed_and_echoed(agg, tiny_model_dir):
+    """Logprobs in OpenAI's formats (the sim's values are deterministic stand-ins): the same in a
+    whole answer and a stream, cut where a stop string ends the text, and for `echo` with
+    `max_tokens: 0` (lm-eval's loglikelihood request) one position per prompt token, the first null."""
+    c = agg.client()
+    prompt = "the quick brown fox"
+    args = dict(model=MODEL, prompt=prompt, max_tokens=8, logprobs=2, extra_body={"ignore_eos": True})
+    whole = c.completions.create(**args).choices[0]
+    lp = whole.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8
+    assert "".join(lp.tokens) == whole.text and lp.text_offset[0] == 0
+    for t, x, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert x < 0 and len(top) in (2, 3) and top[t] == x
+    assert c.completions.create(**args).choices[0].logprobs == lp   # deterministic
+    chunks = [ch.choices[0].logprobs for ch in c.completions.create(stream=True, **args) if ch.choices[0].logprobs]
+    assert [t for ch in chunks for t in ch.tokens] == lp.tokens
+    assert [x for ch in chunks for x in ch.token_logprobs] == lp.token_logprobs
+    assert [o for ch in chunks for o in ch.text_offset] == lp.text_offset
+    # a stop string: the positions end with the token that completed it
+    stop = lp.tokens[3]
+    cut = c.completions.create(stop=[stop], **args).choices[0]
+    assert cut.logprobs.tokens == lp.tokens[:lp.tokens.index(stop) + 1]
+    assert cut.text == whole.text[:whole.text.index(stop)]
+
+    ids = Tokenizer(tiny_model_dir).encode(prompt)
+    echo = c.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    e = echo.choices[0]
+    assert e.text == prompt and echo.usage.completion_tokens == 0 and e.finish_reason == "length"
+    assert len(e.logprobs.tokens) == len(ids) and "".join(e.logprobs.tokens) == prompt
+    assert e.logprobs.token_logprobs[0] is None and e.logprobs.top_logprobs[0] is None
+    assert all(x < 0 for x in e.logprobs.token_logprobs[1:])
+    # several prompts (lm-eval batches them), token ids, and echo followed by the answer
+    two = c.completions.create(model=MODEL, prompt=[ids, ids[:3]], max_tokens=1, echo=True, logprobs=1,
+                               extra_body={"ignore_eos": True})
+    assert two.choices[0].logprobs.token_logprobs[:len(ids)] == e.logprobs.token_logprobs
+    assert [len(ch.logprobs.tokens) for ch in two.choices] == [len(ids) + 1, 4]
+
+    chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                     logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True}).choices[0]
+    content = chat.logprobs.content
+    assert "".join(x.token for x in content) == chat.message.content and len(content) == 4
+    for x in content:
+        assert [t.token for t in x.top_logprobs][0] == x.token and len(x.top_logprobs) == 3
+        assert bytes(x.bytes).decode() == x.token
+    plain = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert plain.choices[0].logprobs is None
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
+    for body, param in (({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                        ({"response_format": schema}, "response_format"), ({"guided_regex": "a+"}, "guided_regex"),
+                        ({"structured_outputs": {"choice": ["a"]}}, "structured_outputs")):
+        msgs = [{"role": "user", "content": "hi"}]
+        r = _post(agg, "/v1/chat/completions", {"model": MODEL, "messages": msgs, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
+def test_logit_bias_extremes_in_the_sim(agg, tiny_model_dir):
+    tok = Tokenizer(tiny_model_dir)
+    forced = tok.encode("x")[-1]
+    r = agg.client().completions.create(model=MODEL, prompt="hello", max_tokens=3, logit_bias={str(forced): 100})
+    assert r.choices[0].text == tok.decode([forced] * 3)
 
 
 def test_n_choices_whole_and_streamed(agg):
@@ -295,7 +358,7 @@ def _post(dep, path, body, key=True, raw=None):
     ({"model": MODEL, "prompt": "x", "max_tokens": 0}, None, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "max_tokens": "ten"}, None, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "n": 65}, None, 400, "n"),
-    ({"model": MODEL, "prompt": "x", "logprobs": 0}, None, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 21}, None, 400, "logprobs"),
     ({"model": MODEL, "prompt": [999999]}, None, 400, "prompt"),
     ({"model": MODEL, "prompt": "x " * 600}, None, 400, "prompt"),
     ({"model": MODEL}, None, 400, None),

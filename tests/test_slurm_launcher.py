@@ -270,7 +270,7 @@ def test_submit_refuses_an_engine_this_build_cannot_run(tmp_path, fake_model, st
     for cmd in ("submit", "sbatch"):
         r = cli(cmd, str(cfg), "--nodes", "1", "--set", "pools.workers=1", "--set", "engine.kind=trtllm")
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        assert "engine.kind: 'trtllm' is not available in this build" in r.stderr, r.stderr
+        assert "engine.kind: 'trtllm' needs the tensorrt_llm package" in r.stderr, r.stderr
     assert registry.list_entries() == [] and not (tmp_path / "logs").exists()
 
 

@@ -46,13 +46,14 @@ class FakeHead:
     async def next_outputs(self, timeout_s: float = 5.0) -> P.StepOutputs | None:
         return await self.next(P.StepOutputs, timeout_s)
 
-    async def start_worker(self, engine) -> asyncio.Task:
-        """Run a Worker for instance 0 and wait for its first heartbeat: the ROUTER drops what
-        is sent to a peer before it has connected."""
+    async def start_worker(self, engine, heartbeat_interval_s: float = 60.0) -> asyncio.Task:
+        """Run a Worker for instance 0 and wait for its first heartbeat (kept in `first_heartbeat`):
+        the ROUTER drops what is sent to a peer before it has connected."""
         worker = Worker(lambda: engine, self.endpoints["control"], self.endpoints["control_key"].encode(),
-                        instance=0, heartbeat_interval_s=60.0, head_timeout_s=60.0)
+                        instance=0, heartbeat_interval_s=heartbeat_interval_s, head_timeout_s=60.0)
         run = asyncio.create_task(worker.run())
-        assert await self.next(P.Heartbeat) is not None
+        self.first_heartbeat = await self.next(P.Heartbeat)
+        assert self.first_heartbeat is not None
         return run
 
     def send(self, identity: bytes, msg) -> None:
@@ -63,13 +64,13 @@ class FakeHead:
         self.zctx.term()
 
 
-def with_worker(model_dir, body) -> None:
+def with_worker(model_dir, body, engine=None, heartbeat_interval_s: float = 60.0) -> None:
     """Run `body(head)` against a worker for instance 0 over the sim engine (speedup inf: a
     request's steps all run at once), then shut the worker down."""
     head = FakeHead()
 
     async def main():
-        run = await head.start_worker(make_engine(model_dir))
+        run = await head.start_worker(engine or make_engine(model_dir), heartbeat_interval_s)
         await body(head)
         head.send(IDENTITY, P.Shutdown("test over"))
         await asyncio.wait_for(run, 10)
@@ -175,3 +176,20 @@ def test_the_head_confirms_each_full_window_once_it_has_read_it():
         dealer.close(linger=0)
         sock.close(linger=0)
         zctx.term()
+
+
+def test_first_ready_heartbeat_declares_the_engine(tiny_model_dir):
+    """Heartbeats say ready=False while the engine starts; the first ready one carries the engine's
+    declaration (protocol.EngineInfo), later ones do not."""
+    engine = make_engine(tiny_model_dir)
+
+    async def body(head):
+        beats = [head.first_heartbeat]
+        while len([b for b in beats if b.ready]) < 3:
+            beats.append(await head.next(P.Heartbeat))
+        ready = [b for b in beats if b.ready]
+        assert all(b.info is None for b in beats if not b.ready)
+        assert ready[0].info == engine.info() and ready[0].info.kind == "sim"
+        assert all(b.info is None for b in ready[1:])
+
+    with_worker(tiny_model_dir, body, engine, heartbeat_interval_s=0.05)

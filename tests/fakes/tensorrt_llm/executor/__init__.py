@@ -1,0 +1,3 @@
+from .result import CompletionOutput, GenerationResult, IterationResult
+
+__all__ = ["CompletionOutput", "GenerationResult", "IterationResult"]
