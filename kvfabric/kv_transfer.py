@@ -21,7 +21,7 @@ NIXL agent; a peer that dies mid-transfer (or stops answering until the deadline
 `KVTransferError`, its agent is dropped, and the next use adds it again (a restarted peer has a new
 `remote_session`, which also forces a fresh handshake).
 
-Progress (see ../shared/reference/nixl-cpu.md): the NIXL agent runs without NIXL's progress thread
+Progress: the NIXL agent runs without NIXL's progress thread
 (it busy-spins) in the thread-safe RW sync mode. A service thread answers the side channel and
 calls `get_new_notifs()`. Over UCX's default transports a READ completes only when the exporting
 side progresses too, so while exports are outstanding the thread polls about every `busy_poll_s`

@@ -27,7 +27,7 @@ from slurmserve.router.tokenizer import Tokenizer
 
 MODEL = "tiny-llama"
 BLOCK = 16
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench-results.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench-result-schema.md"
 
 
 def config(model_dir) -> dict:
@@ -233,7 +233,7 @@ def test_goodput_as_distserve_defines_it():
 # ---- the CLI's result file -----------------------------------------------------------------------------
 
 def documented_fields() -> set[str]:
-    """Field names in the first column of docs/bench-results.md's tables."""
+    """Field names in the first column of docs/bench-result-schema.md's tables."""
     return set(re.findall(r"^\| `([a-z0-9_.]+)`", DOCS.read_text(), re.M))
 
 

