@@ -10,10 +10,10 @@ set -euo pipefail
 job=$1; repeats=${2:-3}; shift $(( $# >= 2 ? 2 : 1 ))
 out=runs/bench/gateway-overhead
 mkdir -p "$out"
-state=$(python -c 'from slurmserve.launcher import registry; print(registry.state_dir())')
-url=$(python -c "from slurmserve.launcher import registry; print(registry.read_entry('$job')['url'])")
-model=$(python -c "from slurmserve.launcher import registry; print(registry.read_entry('$job')['model'])")
-log_dir=$(python -c "from slurmserve.launcher import registry; print(registry.read_entry('$job')['log_dir'])")
+state=$(python -c 'from slurmserve import registry; print(registry.state_dir())')
+url=$(python -c "from slurmserve import registry; print(registry.read_entry('$job')['url'])")
+model=$(python -c "from slurmserve import registry; print(registry.read_entry('$job')['model'])")
+log_dir=$(python -c "from slurmserve import registry; print(registry.read_entry('$job')['log_dir'])")
 head_pid=$(python -c "import json; print(json.load(open('$log_dir/endpoint.json'))['pid'])")
 port=${GW_PORT:-8765}
 slurmserve gateway --port "$port" > "$out/gateway.log" 2>&1 &

@@ -6,7 +6,7 @@ Each run submits the deployment as `slurmserve submit` does, polls `/health` unt
 then stops the job. The breakdown joins three clocks:
 - this process: before the submission, and the first `/health` 200;
 - Slurm: the job's start (`scontrol show job`, else `sacct`; whole seconds);
-- rank 0's `timeline` in the job registry (launcher/registry.py): its process start, the end of the
+- rank 0's `timeline` in the job registry (slurmserve/registry.py): its process start, the end of the
   MPI bootstrap, of weight staging, and when every engine instance was up.
 
 Phases (consecutive, so they sum to the total): queue wait (the sbatch call included), srun/rank
@@ -74,7 +74,7 @@ def slurm_times(job_id: str) -> tuple[float | None, float | None]:
 def wait_health(job_id: str, timeout: float) -> float:
     """Epoch seconds of the first GET /health 200. Reads the registry (a local file) for the URL
     and checks Slurm only every 2 s, so the polling costs little on a small machine."""
-    from slurmserve.launcher import registry
+    from slurmserve import registry
     from slurmserve.launcher.sbatch import job_state
     from slurmserve.launcher.slurm_cli import health
 
@@ -110,10 +110,10 @@ def breakdown(t0: float, slurm_start: float | None, timeline: dict, healthy: flo
 def one_run(a, work: Path, k: int, dirs: dict) -> dict:
     from slurmserve.bench.stage_bench import clear_copies
     from slurmserve.config import load_config
-    from slurmserve.launcher import registry
+    from slurmserve import registry
     from slurmserve.launcher.sbatch import submit
     from slurmserve.launcher.slurm_cli import stop_job
-    from slurmserve.launcher.slurm_config import SlurmError
+    from slurmserve.slurm_config import SlurmError
     from slurmserve.runtime.weight_stage import PROGRESS_FILE
 
     log_dir = work / f"run-{k}"

@@ -5,7 +5,7 @@
 Sends the same requests (a streamed 16-token completion, then a non-streamed one) one at a time
 through each client over one keep-alive connection and reports this process's CPU time per request
 (`time.process_time`), i.e. the client's own cost: the gateway's keep-alive pool
-(`router/gateway_upstream.py`), httpx.AsyncClient and, when installed, aiohttp. Run it where the head
+(`gateway/upstream.py`), httpx.AsyncClient and, when installed, aiohttp. Run it where the head
 has spare CPU (its cost is not counted, only the wait for it).
 """
 
@@ -28,7 +28,7 @@ def _bodies(model: str) -> list[tuple[bytes, bytes]]:
 
 
 async def _pool(url: str, key: str, bodies, n: int) -> float:
-    from slurmserve.router.gateway_upstream import Upstream
+    from slurmserve.gateway.upstream import Upstream
     u = urlsplit(url)
     up = Upstream(u.hostname, u.port, key)
 

@@ -23,7 +23,7 @@ from typing import Any, Union
 import msgspec
 import zmq
 
-from slurmserve.runtime.zmq_loop import LoopSocket
+from slurmserve.zmq_loop import LoopSocket
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ def cmd_config_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from slurmserve.runtime.rank_main import run_rank
+    from slurmserve.launcher.rank_main import run_rank
     return run_rank(_load(args))
 
 
@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
     from slurmserve.launcher.slurm_cli import register as register_slurm
     register_slurm(sub)
-    from slurmserve.launcher.batch_cli import register as register_batch
+    from slurmserve.launcher.batch.cli import register as register_batch
     register_batch(sub)
-    from slurmserve.launcher.gateway_cli import register as register_gateway
+    from slurmserve.gateway.cli import register as register_gateway
     register_gateway(sub)
 
     p = sub.add_parser("model", help="model utilities")

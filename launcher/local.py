@@ -29,7 +29,7 @@ from pathlib import Path
 from slurmserve.config import DeploymentConfig
 from slurmserve.job_secret import SECRET_ENV, write_job_secret
 from slurmserve.stale_dirs import remove_stale_dirs
-from slurmserve.runtime.rank_main import HEAD_EXIT_FILE, array_task_log_dir
+from slurmserve.launcher.rank_main import HEAD_EXIT_FILE, array_task_log_dir
 
 PR_SET_PDEATHSIG = 1
 SHM_PREFIX = "slurmserve-mpi-"

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slurmserve.config import DeploymentConfig
-from slurmserve.launcher import registry
-from slurmserve.launcher.slurm_config import (SiteConfig, SlurmError, SlurmOptions, format_time,
+from slurmserve import registry
+from slurmserve.slurm_config import (SiteConfig, SlurmError, SlurmOptions, format_time,
                                               merge_options, options_from, parse_time)
 
 TEMPLATE_NAME = "serve.sbatch.j2"

@@ -7,7 +7,7 @@
     slurmserve logs JOB [--rank R] [-f]                  the batch log, or one rank's log
     slurmserve stop JOB                                  drain (SIGUSR2), then cancel
 
-The job registry (`slurmserve.launcher.registry`) connects them: the head records its endpoint, API
+The job registry (`slurmserve.registry`) connects them: the head records its endpoint, API
 key and readiness there. The functions below (`job_status`, `wait_ready`, `stop_job`, `connection`)
 are also what the submitit `Deployment` uses.
 """
@@ -23,8 +23,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from slurmserve.launcher import registry
-from slurmserve.launcher.slurm_config import SlurmError, format_time, load_site
+from slurmserve import registry
+from slurmserve.slurm_config import SlurmError, format_time, load_site
 
 
 # ---- what the CLI and the submitit Deployment share -------------------------------------------------
@@ -212,10 +212,10 @@ def _opts_from_args(args) -> dict:
 
 def _prepare(args):
     from slurmserve.config import load_config
-    from slurmserve.launcher.slurm_config import options_from
+    from slurmserve.slurm_config import options_from
     if getattr(args, "batch", None):      # a batch run: its files travel as --set overrides
-        from slurmserve.launcher.batch_cli import batch_overrides
-        from slurmserve.launcher.batch_files import BatchError
+        from slurmserve.launcher.batch.cli import batch_overrides
+        from slurmserve.launcher.batch.files import BatchError
         if not args.batch_output:
             raise SlurmError("--batch needs --batch-output OUT.jsonl")
         try:

@@ -31,8 +31,8 @@ from typing import Any
 
 from slurmserve.config import ConfigError, DeploymentConfig, load_config
 from slurmserve.job_secret import SECRET_ENV, write_job_secret
-from slurmserve.launcher import registry
-from slurmserve.launcher.slurm_config import (SiteConfig, SlurmError, SlurmOptions, format_time, load_site,
+from slurmserve import registry
+from slurmserve.slurm_config import (SiteConfig, SlurmError, SlurmOptions, format_time, load_site,
                                               parse_time)
 
 try:
@@ -54,7 +54,7 @@ class ServeRanks(Checkpointable):
         self.requeue = requeue
 
     def __call__(self) -> int:
-        from slurmserve.runtime.rank_main import run_rank
+        from slurmserve.launcher.rank_main import run_rank
 
         rank = int(os.environ.get("SLURM_PROCID", "0"))
         os.environ["SLURMSERVE_STATE_DIR"] = self.state_dir
@@ -177,7 +177,7 @@ def launch(config: Any, executor, *, overrides: list[str] = (), slurm: SlurmOpti
     file, as for `slurmserve submit`; everything else (partition, time, account) is the executor's.
     `requeue`: on a preemption warning, drain and requeue (submitit's Checkpointable protocol)."""
     from slurmserve.launcher.sbatch import register_submission, resolved_for, validate, cluster_info
-    from slurmserve.launcher.slurm_config import merge_options, options_from
+    from slurmserve.slurm_config import merge_options, options_from
 
     cfg, config_path = _config(config, list(overrides))
     site = site or load_site()
@@ -256,6 +256,6 @@ def launch_batch(config: Any, executor, input: str | os.PathLike, output: str | 
     """`launch` for an offline batch run (`slurmserve batch` as a submitit job): the deployment sends
     `input` through its API into `output` and exits; after a preemption the requeued job resumes.
     `deployment.job.wait()` waits for the end; the summary is next to the output (`*.summary.json`)."""
-    from slurmserve.launcher.batch_cli import batch_overrides
+    from slurmserve.launcher.batch.cli import batch_overrides
     sets = batch_overrides(input, output, errors, shard, ordered)
     return launch(config, executor, overrides=[*overrides, *sets], **kwargs)

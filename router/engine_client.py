@@ -23,7 +23,7 @@ import zmq
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.policies import HeadLoad, Policy, PrefixHasher, Route
 from slurmserve.runtime import protocol as P
-from slurmserve.runtime.zmq_loop import LoopSocket
+from slurmserve.zmq_loop import LoopSocket
 
 log = logging.getLogger(__name__)
 

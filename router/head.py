@@ -31,7 +31,7 @@ from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.orchestrator import Orchestrator
 from slurmserve.router.policies import make_policies
 from slurmserve.router.tokenizer import Tokenizer
-from slurmserve.launcher.registry import HeadRegistration
+from slurmserve.registry import HeadRegistration
 from slurmserve.runtime.bootstrap import World
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,14 @@ def load_api_key(cfg: DeploymentConfig) -> str:
 
 
 class Head:
-    def __init__(self, cfg: DeploymentConfig, zctx: zmq.Context, sock: zmq.Socket):
+    def __init__(self, cfg: DeploymentConfig, zctx: zmq.Context, sock: zmq.Socket, batch_job=None):
+        """`batch_job(app, api_key, registry, ready)`, for `slurmserve batch`: an object whose
+        `run(stop, grace)` sends a file through `app` and returns the exit code; the head serves
+        until it is done (launcher/batch/driver.py)."""
         self.cfg = cfg
         self.zctx = zctx
         self.sock = sock
+        self.batch_job = batch_job
 
     @staticmethod
     def bind_control_socket(address: str, keypair: tuple[bytes, bytes] | None = None
@@ -171,9 +175,8 @@ class Head:
         gc.collect()
         gc.freeze()
         batch = None
-        if cfg.batch is not None:   # `slurmserve batch`: run the file through `app`, then shut down
-            from slurmserve.router.batch_driver import BatchDriver
-            batch = asyncio.create_task(BatchDriver(cfg, app, api_key, metrics.registry, client.all_ready)
+        if self.batch_job is not None:   # `slurmserve batch`: run the file through `app`, then shut down
+            batch = asyncio.create_task(self.batch_job(app, api_key, metrics.registry, client.all_ready)
                                         .run(stop, lambda: drain["grace"]))
         failure = asyncio.create_task(watch_failures(client))
         stopped = asyncio.create_task(stop.wait())

@@ -25,7 +25,6 @@ class KVState:
         self.index = KVIndex() if index is None else index
         self._from_events = type(self.index) is KVIndex
         self._tally = metrics.kv_events.tally
-        self.unknown: set[int] = set()   # instances whose cache state we may have missed events of
         self.unmatched: set[int] = set()  # instances whose block hashes the head cannot reproduce
         self.subscriber = KVEventSubscriber(self.on_batch, self.on_gap)
 
@@ -52,8 +51,6 @@ class KVState:
         tally = self._tally
         for ev in events:
             tally[type(ev), instance] += 1
-            if type(ev) is AllBlocksCleared:
-                self.unknown.discard(instance)   # an empty cache is known again
 
     def on_gap(self, instance: int, expected: int, got: int) -> None:
         if expected == 0 and got > 0:
@@ -61,7 +58,6 @@ class KVState:
         else:
             log.warning("instance %d: KV event gap (expected seq %d, got %d); cache state unknown",
                         instance, expected, got)
-        self.unknown.add(instance)
         self.metrics.kv_event_gaps.labels(instance).inc()
         if self._from_events:   # stale entries would attract requests to blocks long evicted
             self.index.forget(instance)

@@ -88,7 +88,7 @@ class RequestStream:
 class Orchestrator:
     def __init__(self, client: EngineClient, metrics: HeadMetrics, disaggregated: bool,
                  kv_index=None, hasher: PrefixHasher | None = None, disagg: DisaggConfig | None = None,
-                 busy_threshold: float = 0.95, prefill_timeout_s: float = 30.0, migration_limit: int = 3):
+                 busy_threshold: float = 0.95, migration_limit: int = 3):
         self.client = client
         self.metrics = metrics
         self.disaggregated = disaggregated
@@ -96,7 +96,7 @@ class Orchestrator:
         self.hasher = hasher
         self.disagg = disagg or DisaggConfig()
         self.busy_threshold = busy_threshold
-        self.prefill_timeout_s = prefill_timeout_s
+        self.prefill_timeout_s = self.disagg.prefill_timeout_s
         self.migration_limit = migration_limit   # per request; 0: a lost instance fails its requests
         self.sessions: dict[bytes, Instance] = {}   # session affinity, least recently used first
 

@@ -6,7 +6,7 @@ per request and forwards the deltas; everything engine-specific stays behind thi
 What crosses it is engine-neutral: an engine declares what the head must know (`info`: block size,
 block-hash scheme, batch capacity, prefix caching), disaggregated requests come as a phase with an
 opaque handoff (protocol.PREFILL_ONLY / DECODE_WITH_HANDOFF), and an instance that spans several
-ranks runs `follow` on every rank but its first (runtime/rank_main.py).
+ranks runs `follow` on every rank but its first (launcher/rank_main.py).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import zmq.utils.monitor
 
 from slurmserve.runtime import protocol as P
 from slurmserve.runtime.engine import Engine, EngineRequest
-from slurmserve.runtime.zmq_loop import LoopSocket
+from slurmserve.zmq_loop import LoopSocket
 
 log = logging.getLogger(__name__)
 

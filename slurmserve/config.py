@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slurmserve.launcher.slurm_config import SlurmOptions
+from slurmserve.slurm_config import SlurmOptions
 
 
 class ConfigError(Exception):
@@ -161,6 +161,8 @@ class DisaggConfig(_Strict):
 
     min_uncached_tokens: int = Field(2048, ge=0)
     min_uncached_fraction: float = Field(0.3, ge=0, le=1)
+    prefill_timeout_s: float = Field(30.0, gt=0, description="A prefill leg that takes longer is "
+                                     "abandoned and the decode instance prefills the prompt itself.")
 
 
 class RouterConfig(_Strict):
@@ -174,7 +176,6 @@ class RouterConfig(_Strict):
         None, description="Session affinity: requests carrying this header (e.g. x-session-id) with "
                           "the same value go to the same instance while it lives, whatever the policy.")
     disagg: DisaggConfig = Field(default_factory=DisaggConfig)
-    request_timeout_s: float = Field(600.0, gt=0)
     max_concurrent_requests: int = Field(4096, gt=0)
     http_read_timeout_s: float = Field(
         60.0, gt=0, description="A request's head must arrive within this long of its first byte, and "

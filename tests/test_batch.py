@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurmserve.launcher import batch_files as bf
+from slurmserve.launcher.batch import files as bf
 from slurmserve.launcher.local_deployment import metric_value as metric
 from slurmserve.launcher.local_deployment import processes_matching, shm_files
 

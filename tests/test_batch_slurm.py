@@ -16,7 +16,7 @@ from test_batch import line, records, write_jsonl
 from test_slurm_launcher import (assert_nothing_left, cli, cluster, sim_dict, state_dir,  # noqa: F401
                                  write_config)
 
-from slurmserve.launcher import registry
+from slurmserve import registry
 from slurmserve.launcher.sbatch import ACTIVE_STATES, job_state
 
 

@@ -93,7 +93,7 @@ def test_sim_prefill_handoff_decode_by_phase(tiny_model_dir):
 # ---- the head reads declarations ------------------------------------------------------------------
 
 def _client(n=2):
-    zctx = zmq.Context.instance()
+    zctx = zmq.Context()    # its own, terminated with its socket: later tests count ZeroMQ threads
     sock = zctx.socket(zmq.ROUTER)
     insts = [Instance(index=i, role="worker", identity=f"instance-{i}".encode(), address="127.0.0.1")
              for i in range(n)]
@@ -130,6 +130,7 @@ def test_head_hashes_prompts_with_the_declared_scheme():
         assert Route(prompt, orch._hasher()).hashes(4) == []
     finally:
         sock.close(0)
+        sock.context.term()
 
 
 def test_kv_state_indexes_only_reproducible_hashes():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from slurmserve.launcher.local_deployment import LocalDeployment
-from slurmserve.runtime.rank_main import HEAD_ERROR_FILE, KV_DIR_PREFIX, kv_private_dir
+from slurmserve.launcher.rank_main import HEAD_ERROR_FILE, KV_DIR_PREFIX, kv_private_dir
 from test_serve_sim import MODEL, sim_config
 from test_slurm_launcher import cluster  # noqa: F401 - the test cluster fixture
 
@@ -203,7 +203,7 @@ def test_a_failed_job_ends_and_status_and_wait_say_why(cluster, slurm_state, tmp
 
 
 def registry_status(job: str) -> str:
-    from slurmserve.launcher import registry
+    from slurmserve import registry
     return registry.read_entry(job)["status"]
 
 

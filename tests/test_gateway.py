@@ -153,7 +153,7 @@ def gw(tiny_model_dir):
     finally:
         if gateway is not None:
             gateway.stop()
-        from slurmserve.launcher import registry
+        from slurmserve import registry
         ids = [e["job_id"] for e in registry.list_entries()]
         if ids:
             subprocess.run(["scancel", *ids], capture_output=True)
@@ -266,7 +266,7 @@ def test_wrong_or_missing_key_gets_401(gw):
         err = json.loads(body)["error"]
         assert status == 401 and err["code"] == "invalid_api_key" and err["type"] and err["message"]
     # the job's own secret is not the gateway's key
-    from slurmserve.launcher import registry
+    from slurmserve import registry
     assert gw.get("/v1/models", registry.read_entry(gw.jobs["tiny-a"])["api_key"])[0] == 401
 
 
@@ -296,7 +296,7 @@ def _curl_status(url: str, key: str | None = None, data: str | None = None) -> t
 
 
 def test_another_user_gets_nothing(gw):
-    from slurmserve.launcher import registry
+    from slurmserve import registry
     job = gw.jobs["tiny-a"]
     entry = registry.read_entry(job)
     state = gw.state
@@ -332,7 +332,7 @@ def test_another_user_gets_nothing(gw):
 
 
 def test_launch_on_demand_answers_once_ready_then_stops_when_idle(gw):
-    from slurmserve.launcher import registry
+    from slurmserve import registry
     before = {e["job_id"] for e in registry.list_entries()}
     r = gw.client(timeout=170).completions.create(model="tiny-c", prompt="wake up", max_tokens=4,
                                                   extra_body={"ignore_eos": True})

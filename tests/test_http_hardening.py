@@ -11,8 +11,8 @@ import socket
 
 import pytest
 
-from slurmserve.router.gateway import GatewayApp, GatewayMetrics
-from slurmserve.router.gateway_jobs import JobTable
+from slurmserve.gateway.server import GatewayApp, GatewayMetrics
+from slurmserve.gateway.jobs import JobTable
 from slurmserve.router.http_server import HTTPServer, Request, Response
 
 MIB = 1 << 20

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slurmserve.router import openai_api as oa
-from slurmserve.router.gateway import model_of
+from slurmserve.gateway.server import model_of
 from slurmserve.router.http_app import HeadApp
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.openai_api import APIError

@@ -15,7 +15,7 @@ import yaml
 from slurmserve.config import load_config
 from slurmserve.launcher.local_deployment import LocalDeployment
 from slurmserve.launcher.sbatch import render_sbatch
-from slurmserve.launcher.slurm_config import SiteConfig, SlurmOptions
+from slurmserve.slurm_config import SiteConfig, SlurmOptions
 
 LOOPBACK = {"127.0.0.1", "::1"}
 

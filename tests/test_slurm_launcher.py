@@ -24,9 +24,9 @@ import yaml
 
 from slurmserve import __version__
 from slurmserve.config import ConfigError, load_config
-from slurmserve.launcher import registry
+from slurmserve import registry
 from slurmserve.launcher.sbatch import ClusterInfo, plan_layout, render_sbatch, resolved_for
-from slurmserve.launcher.slurm_config import (SiteConfig, SlurmError, SlurmOptions, load_site, options_from,
+from slurmserve.slurm_config import (SiteConfig, SlurmError, SlurmOptions, load_site, options_from,
                                               parse_time)
 
 FIXTURES = Path(__file__).parent / "fixtures"

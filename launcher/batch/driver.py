@@ -4,7 +4,7 @@ Each input line is sent in-process to the same app that serves HTTP (`HeadApp`),
 chat templates, routing policy and response bodies are byte for byte the online API's. A bounded
 window of requests in flight (`batch.max_inflight`, default twice the engines' batch capacity) keeps
 every engine's batch full without reading the whole file. Finished records are appended to the output
-in checkpoints (`launcher/batch_files.py`: append, fsync, resume, torn-line repair).
+in checkpoints (`launcher/batch/files.py`: append, fsync, resume, torn-line repair).
 
 Stopping (the head's drain: SIGUSR2 or SIGTERM): no new lines are dispatched; in-flight requests
 finish within the grace period (none for SIGTERM), the rest are abandoned (aborted in the engine, not
@@ -26,7 +26,7 @@ import msgspec
 from prometheus_client import Counter, Gauge
 
 from slurmserve.config import DeploymentConfig
-from slurmserve.launcher import batch_files as bf
+from slurmserve.launcher.batch import files as bf
 from slurmserve.router.http_server import BufferedResponse, Request
 
 log = logging.getLogger(__name__)

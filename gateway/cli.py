@@ -1,4 +1,4 @@
-"""`slurmserve gateway`: the command line of the login-node gateway (`slurmserve.router.gateway`).
+"""`slurmserve gateway`: the command line of the login-node gateway (`slurmserve.gateway.server`).
 
 Registered by `launcher/cli.py`; the gateway's modules are imported only when the command runs.
 """
@@ -29,7 +29,7 @@ def _on_demand(items: list[str]) -> dict[str, Path]:
 
 def cmd_gateway(args) -> int:
     import uvloop
-    from slurmserve.router.gateway import serve
+    from slurmserve.gateway.server import serve
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s gateway %(levelname)s %(message)s")
     args.launch_on_demand = _on_demand(args.launch_on_demand)

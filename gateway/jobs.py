@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from slurmserve.launcher import registry
+from slurmserve import registry
 from slurmserve.launcher.sbatch import ACTIVE_STATES
-from slurmserve.router.gateway_upstream import Upstream
+from slurmserve.gateway.upstream import Upstream
 from slurmserve.router.openai_api import APIError
 
 log = logging.getLogger(__name__)
@@ -319,5 +319,5 @@ class JobTable:
 def _submit_job(config: Path) -> str:
     from slurmserve.config import load_config
     from slurmserve.launcher.sbatch import submit
-    from slurmserve.launcher.slurm_config import load_site
+    from slurmserve.slurm_config import load_site
     return submit(load_config(config), config, None, load_site(None))

@@ -2,8 +2,8 @@
 
 The gateway reads only the `model` field of a request; the body goes to a ready job serving that
 model (the one with the fewest outstanding requests) and the answer, a JSON body or an SSE stream,
-comes back as the bytes the head sent. Jobs come from the registry and Slurm (`gateway_jobs`), the
-connections to the heads are a keep-alive pool per job (`gateway_upstream`).
+comes back as the bytes the head sent. Jobs come from the registry and Slurm (`gateway/jobs.py`), the
+connections to the heads are a keep-alive pool per job (`gateway/upstream.py`).
 
 Security: clients authenticate with the user's gateway key (`<state_dir>/gateway_key`, 0600, made
 on first start; compared in constant time), always, also on 127.0.0.1, which every user of a login
@@ -27,9 +27,9 @@ from pathlib import Path
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from slurmserve.launcher import registry
-from slurmserve.router.gateway_jobs import Job, JobTable
-from slurmserve.router.gateway_upstream import Conn, UpstreamError
+from slurmserve import registry
+from slurmserve.gateway.jobs import Job, JobTable
+from slurmserve.gateway.upstream import Conn, UpstreamError
 from slurmserve.private_files import write_private
 from slurmserve.router.http_app import JSON, MAX_BODY_BYTES, SSE, HeadApp
 from slurmserve.router.http_server import HTTPServer, Request, Response

@@ -5,7 +5,7 @@
 
 A batch run is a normal deployment whose config has a `batch:` section (set here with `--set`
 overrides, so `slurmserve sbatch|submit --batch IN.jsonl ...` and submitit's `launch` run the same
-thing in Slurm); its head sends the file through its own API (router/batch_driver.py) and exits.
+thing in Slurm); its head sends the file through its own API (launcher/batch/driver.py) and exits.
 Run the same command again, by hand or by a requeue, and it resumes where the output ends.
 """
 
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from slurmserve.config import ConfigError
-from slurmserve.launcher import batch_files as bf
+from slurmserve.launcher.batch import files as bf
 
 
 def _yaml_str(value: str) -> str:
@@ -78,7 +78,7 @@ def _merge(args) -> int:
 def _run(args) -> int:
     from slurmserve.config import load_config
     from slurmserve.launcher.local import serve
-    from slurmserve.router.batch_driver import INCOMPLETE_EXIT, summary_of
+    from slurmserve.launcher.batch.driver import INCOMPLETE_EXIT, summary_of
 
     overrides = list(args.overrides) + batch_overrides(args.input, args.output, args.errors, args.shard,
                                                        args.ordered)

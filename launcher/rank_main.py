@@ -15,7 +15,7 @@ import uvloop
 from slurmserve.config import DeploymentConfig
 from slurmserve.stale_dirs import remove_stale_dirs
 from slurmserve.kvfabric.relay import KVEventRelay
-from slurmserve.launcher.registry import HeadRegistration
+from slurmserve.registry import HeadRegistration
 from slurmserve.runtime.bootstrap import BootstrapError, World, bootstrap, free_port
 from slurmserve.runtime.engine import EngineContext, create_engine
 from slurmserve.runtime.weight_stage import StageError, stage_weights
@@ -82,28 +82,32 @@ def run_rank(cfg: DeploymentConfig) -> int:
         return 2
     if p.is_head:
         HeadRegistration.mark_phase(cfg, "staged")
-        code = _run_head(cfg, world, *head_sock["zmq"][:2])
+        code, failed = _run_head(cfg, world, *head_sock["zmq"][:2])
     else:
         try:
             code = uvloop.run(_run_engine_rank(cfg, world, kv_curve.get("keys"), kv_curve.get("side_channel")))
         except Exception:
             log.exception("engine rank %d failed", p.rank)
             code = 1
-    if code:
-        # A rank that failed must end now, so the job does: engine libraries may leave threads and
-        # child processes behind that would keep the interpreter from exiting.
+        failed = code != 0     # its engine failed, the deployment failed, or the head is gone
+    if failed:
+        # A rank of a failed deployment must end now, so the job does: engine libraries may leave
+        # threads and child processes behind that would keep the interpreter from exiting, and MPI's
+        # finalize would wait for ranks that are gone. (A clean end, `batch`'s "lines left" code 3
+        # included, finalizes MPI on every rank as usual.)
         logging.shutdown()
         sys.stderr.flush()
-        os._exit(code)
+        os._exit(code or 1)
     return code
 
 
-def _run_head(cfg: DeploymentConfig, world: World, zctx, sock) -> int:
+def _run_head(cfg: DeploymentConfig, world: World, zctx, sock) -> tuple[int, bool]:
+    """The head's exit code, and whether the deployment failed."""
     from slurmserve.router.head import Head, HeadError
 
     code, error = 1, None   # on failure the head has told the workers to stop, so the job ends
     try:
-        code = uvloop.run(Head(cfg, zctx, sock).run(world))
+        code = uvloop.run(Head(cfg, zctx, sock, _batch_job(cfg)).run(world))
     except HeadError as e:     # a user's mistake (the port is taken), or the deployment failed
         error = str(e)
         log.error("%s", e)
@@ -111,13 +115,21 @@ def _run_head(cfg: DeploymentConfig, world: World, zctx, sock) -> int:
         error = f"the head failed: {type(e).__name__}: {e} (log: {cfg.log_dir / 'rank-0.log'})"
         log.exception("the head failed")
     _record_head_failure(cfg, error, code)
-    return code
+    return code, error is not None
+
+
+def _batch_job(cfg: DeploymentConfig):
+    """For `slurmserve batch` (cfg.batch set): what the head runs its file with."""
+    if cfg.batch is None:
+        return None
+    from slurmserve.launcher.batch.driver import BatchDriver
+    return lambda app, api_key, registry, ready: BatchDriver(cfg, app, api_key, registry, ready)
 
 
 def _record_head_failure(cfg: DeploymentConfig, error: str | None, code: int) -> None:
     """The head's exit code (mpirun in recovery mode exits 0 whatever the ranks did; `slurmserve
     serve` reads it) and, when the deployment failed, why: in the log dir and the job registry."""
-    from slurmserve.launcher.registry import HeadRegistration
+    from slurmserve.registry import HeadRegistration
 
     (cfg.log_dir / HEAD_EXIT_FILE).write_text(f"{code}\n")
     if error is not None:
