@@ -95,10 +95,26 @@ def run_rank(cfg: DeploymentConfig) -> int:
         # threads and child processes behind that would keep the interpreter from exiting, and MPI's
         # finalize would wait for ranks that are gone. (A clean end, `batch`'s "lines left" code 3
         # included, finalizes MPI on every rank as usual.)
+        _kill_children()
         logging.shutdown()
         sys.stderr.flush()
         os._exit(code or 1)
     return code
+
+
+def _kill_children() -> None:
+    """SIGKILL this rank's child processes (an engine core whose start hung, say): os._exit skips
+    the interpreter's own reaping of them, and they must not outlive a failed deployment."""
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            pids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
 
 
 def _run_head(cfg: DeploymentConfig, world: World, zctx, sock) -> tuple[int, bool]:
@@ -189,7 +205,8 @@ async def _run_engine_rank(cfg: DeploymentConfig, world: World, kv_curve_keys, s
         worker = Worker(lambda: create_engine(cfg, ctx), world.head.endpoints["control"],
                         world.keys.public(world.keys.control()), p.instance,
                         cfg.runtime.heartbeat_interval_s, head_timeout_s=cfg.runtime.head_timeout_s,
-                        rank=p.rank, log_path=str(cfg.log_dir / f"rank-{p.rank}.log"))
+                        rank=p.rank, log_path=str(cfg.log_dir / f"rank-{p.rank}.log"),
+                        start_timeout_s=cfg.runtime.engine_start_timeout_s)
         return await worker.run()
     finally:
         if relay is not None:

@@ -263,15 +263,19 @@ class HeadApp:
                 self.orch.release(s)
 
 
-def _engine_failure(delta: P.Delta) -> str | None:
+def _engine_failure(delta: P.Delta) -> APIError | None:
     """Why the engine ended the request without an answer, or None. An abort that reaches a client
     still being answered came from the engine's side (its rank got SIGTERM: scancel, the time
     limit): the request did not finish, so the client gets an error, not a short answer that looks
-    complete. (A client that left is not answered.)"""
+    complete. (A client that left is not answered.) A request the engine refused as given (a
+    schema it cannot compile) is the client's to fix: a 400, not a 503 to retry."""
     if delta.finish_reason == "abort":
-        return "the engine stopped before the request completed (the deployment is shutting down)"
+        return APIError(503, "the engine stopped before the request completed (the deployment is shutting down)",
+                        type_="server_error")
     if delta.finish_reason == "error":
-        return delta.error or "engine failed"
+        if delta.rejected:
+            return APIError(400, delta.error or "the engine refused the request")
+        return APIError(503, delta.error or "engine failed", type_="server_error")
     return None
 
 
@@ -385,6 +389,14 @@ class _Answer:
     def set_index(self, index: int) -> None:
         """This answer is choice `index` of several (only a streamed answer writes it)."""
 
+    def _fail(self, err: APIError) -> None:
+        """Answer the whole request with the error: nothing of it has been sent yet."""
+        self.app.metrics.http_errors.labels(err.status).inc()
+        self.response.send(err.status, err.body(), JSON)
+        self.done.set_result(None)
+        if self.choices is not None:
+            self.choices.stop_all()
+
     def _finished(self, finish: str) -> None:
         requests = self.app.metrics.requests
         first = self.counts_prompt       # a prompt counts once, whatever its n
@@ -456,13 +468,8 @@ class WholeAnswer(_Answer):
     def _feed(self, delta: P.Delta) -> None:
         piece, stopped = self._text(delta) if self.top is None else self._text_logprobs(delta)
         self.parts.append(piece)
-        if (failure := _engine_failure(delta)) is not None:
-            err = APIError(503, failure, type_="server_error")
-            self.app.metrics.http_errors.labels(503).inc()
-            self.response.send(503, err.body(), JSON)
-            self.done.set_result(None)
-            if self.choices is not None:
-                self.choices.stop_all()
+        if (err := _engine_failure(delta)) is not None:
+            self._fail(err)
             return
         if stopped:
             finish = "stop"
@@ -499,6 +506,10 @@ class StreamedAnswer(_Answer):
 
     def _feed(self, delta: P.Delta) -> None:
         out, events = self.out, []
+        failure = _engine_failure(delta)
+        if failure is not None and not self.response.started:   # nothing sent yet: a plain error
+            self._fail(failure)
+            return
         if not self.opened:
             self.opened = True
             if not self.response.started:
@@ -515,8 +526,8 @@ class StreamedAnswer(_Answer):
                 self.echo_sent = True
                 piece = self.echo + piece
         finish = None
-        if (failure := _engine_failure(delta)) is not None:
-            events.append(out.error(APIError(503, failure, type_="server_error")))
+        if failure is not None:
+            events.append(out.error(failure))
             finish = "error"
         else:
             if stopped:

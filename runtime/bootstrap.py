@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -103,11 +104,34 @@ def local_address(cfg: DeploymentConfig, single_host: bool) -> str:
             f"cannot resolve this node's hostname ({e}); set runtime.interface") from None
 
 
+PRIVATE_PORTS_FROM = 20000     # below: well-known services' ports (Slurm's 6817-6819, ...)
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768             # Linux's default
+
+
 def free_port(address: str) -> int:
-    """A port that is free now on `address`; the engine binds it a moment later."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port that is free now on `address`, which an engine binds a moment later (vLLM binds its
+    NIXL side channel and KV-event ports itself, so they cannot be held open meanwhile). Picked
+    below the kernel's ephemeral range: ports there go to every outgoing connection on the node,
+    so any process of any job could take one in that moment, and vLLM then waits for ever."""
+    low = _ephemeral_low()
+    if low - PRIVATE_PORTS_FROM >= 1000:
+        for port in random.sample(range(PRIVATE_PORTS_FROM, low), 64):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((address, port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:   # a crowded node: any free one
         s.bind((address, 0))
         return s.getsockname()[1]
+
 
 
 def bootstrap(cfg: DeploymentConfig, endpoints_for=None) -> World:

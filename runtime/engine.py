@@ -20,6 +20,12 @@ from slurmserve.runtime import protocol as P
 from slurmserve.runtime.protocol import Delta, EngineInfo, Load, SamplingParams
 
 
+class InvalidRequest(ValueError):
+    """The engine refuses a request as given (a JSON schema it cannot compile, a parameter out of
+    range): the client gets a 400 naming the problem, not a 503 to retry, and the deployment goes
+    on. Raised by `generate` before its first delta."""
+
+
 @dataclass
 class EngineRequest:
     req_id: str
@@ -77,7 +83,8 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
-        """Stream token-id deltas; the last one has finish_reason set."""
+        """Stream token-id deltas; the last one has finish_reason set. A request the engine cannot
+        take as given raises InvalidRequest before the first delta."""
 
     @abc.abstractmethod
     def abort(self, req_id: str) -> None:

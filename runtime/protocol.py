@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 # Disaggregation phases of a request (Generate.phase). The head never reads a handoff: what a
 # prefill-only leg returns (Delta.handoff) goes, untouched, to the decode leg. Its encoding is the
@@ -107,6 +107,7 @@ class Delta(msgspec.Struct, gc=False, omit_defaults=True, array_like=True):
     handoff: dict[str, Any] | None = None  # set on a prefill-only leg's final delta (opaque to the head)
     logprobs: Logprobs | None = None         # of token_ids, when the request asked for them
     prompt_logprobs: Logprobs | None = None  # on the first delta: prompt positions 1..n-1
+    rejected: bool = False   # with finish_reason "error": the request is invalid as given (a 400, not a 503)
 
     @property
     def kv_transfer_params(self) -> dict[str, Any] | None:
@@ -127,7 +128,8 @@ def merge_deltas(deltas: list[Delta]) -> Delta:
                 logprobs.top_ids += d.logprobs.top_ids
                 logprobs.top += d.logprobs.top
     return Delta(first.req_id, tokens, last.finish_reason, first.num_prompt_tokens,
-                 first.num_cached_tokens, last.error, last.handoff, logprobs, first.prompt_logprobs)
+                 first.num_cached_tokens, last.error, last.handoff, logprobs, first.prompt_logprobs,
+                 last.rejected)
 
 
 def coalesce(deltas: list[Delta]) -> list[Delta]:

@@ -76,7 +76,7 @@ from typing import Any
 from slurmserve.kvfabric.block_hash import BlockHasher
 from slurmserve.kvfabric.events import BlockRemoved, BlockStored, KVEventPublisher
 from slurmserve.kvfabric.kv_transfer import KVTransfer, create_kv_transfer, fill_kv, kv_matches
-from slurmserve.runtime.engine import Engine, EngineContext, EngineRequest
+from slurmserve.runtime.engine import Engine, EngineContext, EngineRequest, InvalidRequest
 from slurmserve.runtime.protocol import Delta, EngineInfo, Load, Logprobs
 
 log = logging.getLogger(__name__)
@@ -449,19 +449,23 @@ class SimEngine(Engine):
     # ---- request bookkeeping --------------------------------------------------------------------
 
     def _check(self, request: EngineRequest) -> str | None:
+        """Why this engine cannot take the request now (stopped, a duplicate id), or None; raises
+        InvalidRequest for a request that no engine could take as given."""
         if self._stopped:
             return "engine stopped"
         if request.req_id in self._reqs:
             return f"duplicate request id {request.req_id!r}"
+        # The request's own faults: a 400 for the client, as vLLM's checks of a request are.
         n = len(request.prompt_token_ids)
         if n == 0:
-            return "empty prompt"
+            raise InvalidRequest("empty prompt")
         if n >= self.max_model_len:
-            return f"prompt of {n} tokens does not fit max_model_len={self.max_model_len}"
+            raise InvalidRequest(f"prompt of {n} tokens does not fit max_model_len={self.max_model_len}")
         if n + 1 > self.num_blocks * self.block_size:
-            return f"prompt of {n} tokens does not fit the {self.num_blocks} KV blocks"
+            raise InvalidRequest(f"prompt of {n} tokens does not fit the instance's {self.num_blocks} KV blocks "
+                                 f"of {self.block_size} tokens")
         if request.params.structured_outputs:
-            return "the sim engine has no structured output (response_format, structured_outputs)"
+            raise InvalidRequest("the sim engine has no structured output (response_format, structured_outputs)")
         return None
 
     def _seed_for(self, request: EngineRequest) -> int:

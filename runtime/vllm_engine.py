@@ -46,7 +46,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from slurmserve.runtime.engine import Engine, EngineContext, EngineRequest
+from slurmserve.runtime.engine import Engine, EngineContext, EngineRequest, InvalidRequest
 from slurmserve.kvfabric.block_hash import resolve_hash_seed
 from slurmserve.runtime.protocol import Delta, EngineInfo, Load, Logprobs, SamplingParams
 
@@ -106,6 +106,17 @@ class _compat:
     def engine_args_cls():
         from vllm.engine.arg_utils import AsyncEngineArgs
         return AsyncEngineArgs
+
+    @staticmethod
+    def request_errors() -> tuple[type[Exception], ...]:
+        """What vLLM raises for a request that is wrong as given, as its own server answers them
+        with a 4xx: ValueError, and its VLLMClientError where it has one (a schema xgrammar cannot
+        compile is a VLLMValidationError, not a ValueError)."""
+        try:
+            from vllm.exceptions import VLLMClientError
+        except ImportError:
+            return (ValueError, TypeError)
+        return (ValueError, TypeError, VLLMClientError)
 
     @staticmethod
     def tokens_prompt(token_ids: list[int]):
@@ -398,6 +409,12 @@ def engine_env(cfg, ctx: EngineContext, environ: dict[str, str] | None = None) -
     out: dict[str, str] = {}
     if "VLLM_ENABLE_V1_MULTIPROCESSING" not in env:
         out["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if "VLLM_WORKER_MULTIPROC_METHOD" not in env:
+        # The engine core is spawned, not forked: this rank has MPI (on InfiniBand, Open MPI's UCX),
+        # ZeroMQ's I/O threads and the KV relay running, and a fork copies any lock their threads
+        # hold at that instant into a child that then waits on it for ever. (vLLM itself
+        # switches to spawn once CUDA is initialised; this rank never initialises it.)
+        out["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     out.update(hash_seed_env(cfg, env))
     if ctx.role in ("prefill", "decode"):
         from slurmserve.kvfabric.ucx_env import ucx_env_defaults
@@ -606,7 +623,10 @@ class VllmEngine(Engine):
             if request.prefill_only:
                 # The prefill leg only fills (and holds) the KV; the decode leg makes every token.
                 max_tokens, min_tokens = 1, 0
-            sp = _compat.sampling_params(p, max_tokens, min_tokens, kv_transfer_params(request))
+            try:
+                sp = _compat.sampling_params(p, max_tokens, min_tokens, kv_transfer_params(request))
+            except _compat.request_errors() as e:   # vLLM's own check of the parameters
+                raise InvalidRequest(str(e)) from e
             prompt = _compat.tokens_prompt(list(request.prompt_token_ids))
             if stream.aborted:   # aborted before it reached the engine
                 yield Delta(req_id, [], finish_reason="abort",
@@ -622,6 +642,13 @@ class VllmEngine(Engine):
                         out = await nxt
                     except StopAsyncIteration:
                         break
+                    except _compat.request_errors() as e:
+                        # vLLM validates a request as it is added (a JSON schema it cannot compile,
+                        # a prompt longer than the model): the request's fault, as vLLM's own
+                        # server answers it with a 400. Later failures are the engine's.
+                        if not first:
+                            raise
+                        raise InvalidRequest(str(e)) from e
                     if stream.aborted and not stream.abort_sent and not out.finished:
                         stream.abort_sent = True   # defensive: abort() ran before registration
                         self._spawn(llm.abort(req_id))

@@ -22,7 +22,7 @@ import zmq
 import zmq.utils.monitor
 
 from slurmserve.runtime import protocol as P
-from slurmserve.runtime.engine import Engine, EngineRequest
+from slurmserve.runtime.engine import Engine, EngineRequest, InvalidRequest
 from slurmserve.zmq_loop import LoopSocket
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,14 @@ class HeadGone(Exception):
 class Worker:
     def __init__(self, create_engine: Callable[[], Engine], head_endpoint: str, head_key: bytes,
                  instance: int, heartbeat_interval_s: float, head_timeout_s: float, rank: int | None = None,
-                 log_path: str | None = None):
+                 log_path: str | None = None, start_timeout_s: float = 1200.0):
         """`create_engine()` builds the engine once the worker is connected, so that a failure to
         build or start it reaches the head (`Failed`) instead of leaving the job waiting; that
-        message names the `rank` and its `log_path`."""
+        message names the `rank` and its `log_path`. A start that takes longer than
+        `start_timeout_s` has failed too: a hung engine start (vLLM waits for ever on a NIXL
+        side-channel port another process took) must not hold the allocation until its time limit."""
         self.create_engine = create_engine
+        self.start_timeout_s = start_timeout_s
         self.engine: Engine | None = None
         self.started = False      # the engine is serving
         self.instance = instance
@@ -112,6 +115,9 @@ class Worker:
                 self._emit(delta)
         except asyncio.CancelledError:
             raise
+        except InvalidRequest as e:   # the client's mistake: one line in the log, a 400 for the client
+            log.info("request %s refused by the engine: %s", msg.req_id, e)
+            self._emit(P.Delta(msg.req_id, [], finish_reason="error", error=str(e), rejected=True))
         except Exception as e:  # an engine failure ends this request, not the worker
             log.exception("request %s failed in the engine", msg.req_id)
             self._emit(P.Delta(msg.req_id, [], finish_reason="error", error=f"engine error: {e}"))
@@ -197,13 +203,18 @@ class Worker:
             self.engine = self.create_engine()
             starting = asyncio.create_task(self.engine.start())
             stopped = asyncio.create_task(self.stopping.wait())
-            await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([starting, stopped], timeout=self.start_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
             if starting.done():
                 starting.result()      # raises the engine's start failure
                 self.started = True
                 await stopped
             else:
                 starting.cancel()
+                if not stopped.done():
+                    stopped.cancel()
+                    raise TimeoutError(f"the engine did not start within {self.start_timeout_s:.0f} s "
+                                       f"(runtime.engine_start_timeout_s)")
         except Exception as e:
             log.exception("engine instance %d failed to start", self.instance)
             self.sock.send(P.encode(P.Failed(self.instance, self._failure_line(e))))

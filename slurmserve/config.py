@@ -207,6 +207,11 @@ class RuntimeConfig(_Strict):
                                 "A head whose process ended is noticed within seconds by its closed "
                                 "connection; this limit is for a hung node, so a head that stalls "
                                 "for a while (a huge request) is never left.")
+    engine_start_timeout_s: float = Field(
+        1200.0, gt=0, description="An engine instance that has not started this long after its "
+                                  "rank began (weights loaded, KV cache allocated) has failed, and "
+                                  "with it the deployment unless runtime.min_instances allows. Raise "
+                                  "it for models that take longer to load from your filesystem.")
     shutdown_grace_s: float = Field(5.0, ge=0)
     min_instances: int | None = Field(
         None, ge=1, description="Engine instances that must start for the deployment to serve. "

@@ -40,3 +40,7 @@ def _report_leftover_processes(request):
                 left.append(f"{p.pid} {cmd[:160]}")
     if left:
         warnings.warn(f"{request.module.__name__} left child processes: {left}")
+
+
+# A pytest that would not end once it has reported ends anyway (see exit_guard).
+from exit_guard import pytest_sessionfinish, pytest_unconfigure  # noqa: E402,F401

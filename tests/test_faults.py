@@ -91,6 +91,33 @@ def test_a_rank_that_dies_while_starting_fails_the_job_unless_min_instances_allo
                 dep.kill()
 
 
+def test_an_engine_start_that_hangs_ends_the_job_after_engine_start_timeout_s(tiny_model_dir, tmp_path):
+    """An engine whose start never ends (vLLM waits for ever when its NIXL side-channel port was
+    taken; here a simulated load far longer than the limit) used to keep the job "starting" until
+    its time limit, its rank heartbeating ready=False. Now the start fails after
+    runtime.engine_start_timeout_s and the job ends with that reason."""
+    cfg = sim_config(tiny_model_dir, workers=1)
+    cfg["engine"]["sim"]["load_time_s"] = 600.0
+    cfg["runtime"]["engine_start_timeout_s"] = 3.0
+    dep = LocalDeployment(tmp_path, cfg).launch()
+    assert wait_exit(dep, 60) == 1, dep.output()
+    line = "engine instance 0 failed to start on rank 1: TimeoutError: the engine did not start within 3 s"
+    assert line in dep.output()
+    assert (dep.dir / "logs" / HEAD_ERROR_FILE).read_text().startswith(line)
+    wait_for(lambda: dep.pids() == [], 10, "every process gone")
+
+
+def test_engine_ports_are_picked_outside_the_ephemeral_range():
+    """The ports an engine binds itself (NIXL side channel, KV events) are picked free but bound a
+    moment later; outside the kernel's ephemeral range no outgoing connection on the node can take
+    one meanwhile (before: bind to port 0, right inside that range)."""
+    from slurmserve.runtime.bootstrap import PRIVATE_PORTS_FROM, _ephemeral_low, free_port
+    low = _ephemeral_low()
+    ports = [free_port("127.0.0.1") for _ in range(50)]
+    assert all(PRIVATE_PORTS_FROM <= p < low for p in ports), (low, ports)
+    assert len(set(ports)) > 10
+
+
 def test_a_head_that_fails_at_startup_ends_the_job_at_once(tiny_model_dir, tmp_path):
     """An empty tokenizer.json kills the head while it loads the tokenizer, before it has spoken to
     any engine. The engines used to wait a minute for it; its closed port now tells them at once."""

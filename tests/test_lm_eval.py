@@ -161,6 +161,27 @@ def test_json_schema_answer_is_valid_json(dep):
     assert len(r.choices[0].text) == 3 and r.choices[0].text.isdigit()
 
 
+def test_a_schema_vllm_cannot_compile_is_a_400(dep):
+    """vLLM refuses a schema or regex it cannot compile as the request is added: the client's
+    mistake, so a 400 naming it, streamed or not (it was a 503 to retry), and the engine serves on."""
+    import openai
+    c = dep.client(timeout=60)
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "c", "schema": {
+        "type": "object", "properties": {"a": {"type": "no-such-type"}}}}}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="no-such-type") as e:
+            r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "json"}],
+                                          max_tokens=8, response_format=bad_schema, stream=stream)
+            list(r) if stream else r
+        assert e.value.status_code == 400
+        with pytest.raises(openai.BadRequestError, match="parenthesis") as e:
+            r = c.completions.create(model=MODEL, prompt="pick", max_tokens=8, stream=stream,
+                                     extra_body={"structured_outputs": {"regex": "("}})
+            list(r) if stream else r
+    r = c.completions.create(model=MODEL, prompt="pick", max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
+
+
 def test_logit_bias_reaches_vllm(dep, tiny_model_dir):
     from slurmserve.router.tokenizer import Tokenizer
     tok = Tokenizer(tiny_model_dir)

@@ -12,7 +12,7 @@ import pytest
 from slurmserve.config import DeploymentConfig
 from slurmserve.kvfabric.block_hash import DEFAULT_HASH_SEED, block_hashes
 from slurmserve.kvfabric.events import BlockRemoved, BlockStored, KVEventSubscriber
-from slurmserve.runtime.engine import EngineContext, EngineRequest
+from slurmserve.runtime.engine import EngineContext, EngineRequest, InvalidRequest
 from slurmserve.runtime.protocol import SamplingParams
 from slurmserve.runtime.sim_engine import SimEngine
 
@@ -361,10 +361,11 @@ def test_bad_requests(model_dir):
         e = make_engine(model_dir, num_kv_blocks=8, block_size=4, max_model_len=32)
         await e.start()
         try:
-            deltas, _ = await collect(e, "empty", [], params(4))
-            assert deltas[-1].finish_reason == "error"
-            deltas, _ = await collect(e, "huge", range(40), params(4))
-            assert deltas[-1].finish_reason == "error" and "max_model_len" in deltas[-1].error
+            # the request's own faults raise InvalidRequest (the head answers a 400), before any delta
+            with pytest.raises(InvalidRequest, match="empty prompt"):
+                await collect(e, "empty", [], params(4))
+            with pytest.raises(InvalidRequest, match="max_model_len"):
+                await collect(e, "huge", range(40), params(4))
             # generation stops at max_model_len
             deltas, toks = await collect(e, "cap", range(20), params(100))
             assert deltas[-1].finish_reason == "length" and 20 + len(toks) == 32

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 
 import pytest
 
@@ -19,6 +18,7 @@ pytestmark = pytest.mark.vllm
 from vllm_cpu import BLOCK, CPU_ENV, ENGINE_ARGS  # noqa: E402
 
 from slurmserve.config import DeploymentConfig  # noqa: E402
+from slurmserve.runtime.bootstrap import free_port  # noqa: E402
 from slurmserve.runtime.engine import EngineContext, EngineRequest  # noqa: E402
 from slurmserve.runtime.protocol import SamplingParams  # noqa: E402
 from slurmserve.runtime.vllm_engine import VllmEngine  # noqa: E402
@@ -30,19 +30,14 @@ PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_
                   "remote_block_ids": None, "remote_host": None, "remote_port": None}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_engine(model_dir, instance: int, role: str) -> VllmEngine:
     cfg = DeploymentConfig.model_validate({
         "model": {"path": str(model_dir), "max_model_len": 1024},
         "engine": {"kind": "vllm", "args": ENGINE_ARGS},
         "pools": {"prefill": 1, "decode": 1}})
     ctx = EngineContext(instance=instance, role=role, host="127.0.0.1",
-                        kv_events_endpoint=f"tcp://127.0.0.1:{free_port()}", kv_side_channel_port=free_port())
+                        kv_events_endpoint=f"tcp://127.0.0.1:{free_port('127.0.0.1')}",
+                        kv_side_channel_port=free_port("127.0.0.1"))
     return VllmEngine(cfg, ctx)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import threading
 import time
 
@@ -23,6 +22,7 @@ import zmq  # noqa: E402
 
 from slurmserve.config import DeploymentConfig  # noqa: E402
 from slurmserve.kvfabric.block_hash import block_hashes  # noqa: E402
+from slurmserve.runtime.bootstrap import free_port  # noqa: E402
 from slurmserve.runtime.engine import EngineContext, EngineRequest  # noqa: E402
 from slurmserve.runtime.protocol import SamplingParams  # noqa: E402
 from vllm_cpu import BLOCK, ENGINE_ARGS, MAX_MODEL_LEN, MAX_TOKENS, Offline, cpu_env  # noqa: E402
@@ -30,19 +30,13 @@ from vllm_cpu import BLOCK, ENGINE_ARGS, MAX_MODEL_LEN, MAX_TOKENS, Offline, cpu
 from slurmserve.runtime.vllm_engine import (  # noqa: E402
     KV_EVENTS_TOPIC,
     VllmEngine,
+    engine_env,
     engine_kwargs,
     kv_events_bind_endpoint,
 )
 
 # Three prompts: 40, 70 and 100 tokens (1, 2 and 3 full blocks), distinct from the first token on.
 PROMPTS = [[(7 * i + 11 * k) % 300 + 10 for i in range(n)] for k, n in ((1, 40), (2, 70), (3, 100))]
-
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Running:
@@ -53,8 +47,8 @@ class Running:
             "model": {"path": str(model_dir), "max_model_len": MAX_MODEL_LEN},
             "engine": {"kind": "vllm", "args": ENGINE_ARGS}})
         self.ctx = EngineContext(instance=0, role="worker", host="127.0.0.1",
-                                 kv_events_endpoint=f"tcp://127.0.0.1:{free_port()}",
-                                 kv_side_channel_port=free_port())
+                                 kv_events_endpoint=f"tcp://127.0.0.1:{free_port('127.0.0.1')}",
+                                 kv_side_channel_port=free_port('127.0.0.1'))
         self.engine = VllmEngine(self.cfg, self.ctx)
         self.loop = asyncio.new_event_loop()
         self.zctx = zmq.Context()
@@ -156,6 +150,9 @@ def test_engine_args_and_endpoint():
                                       "endpoint": "tcp://*:6000", "topic": "kv-events", "buffer_steps": 7}
     assert kw["kv_transfer_config"]["kv_role"] == "kv_producer"
     assert kw["kv_transfer_config"]["kv_buffer_device"] == "cpu"
+    # The engine core is spawned from its MPI rank, not forked, unless the user says otherwise.
+    assert engine_env(cfg, ctx, environ={})["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    assert "VLLM_WORKER_MULTIPROC_METHOD" not in engine_env(cfg, ctx, environ={"VLLM_WORKER_MULTIPROC_METHOD": "fork"})
 
 
 def test_greedy_matches_offline_llm(eng):
