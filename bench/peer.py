@@ -45,7 +45,7 @@ from slurmserve.bench.procstat import CpuSampler, cpu_seconds
 from slurmserve.bench.scenario import _get, _median, _Strict
 from slurmserve.config import ConfigError, DeploymentConfig, format_errors, read_yaml_mapping
 from slurmserve.launcher.argtypes import positive_float, positive_int
-from slurmserve.launcher.local_deployment import LocalDeployment
+from slurmserve.tools.local_deployment import LocalDeployment
 
 SIDES = ("dynamo", "slurmserve")
 

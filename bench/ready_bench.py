@@ -182,7 +182,7 @@ def cmd_ready(a) -> int:
 
     a.model = a.model.expanduser().resolve()
     if not a.model.is_dir():
-        from slurmserve.runtime.tiny_model import make_tiny_model
+        from slurmserve.tools.tiny_model import make_tiny_model
         make_tiny_model(a.model)
     work = a.work.resolve()
     work.mkdir(parents=True, exist_ok=True, mode=0o700)

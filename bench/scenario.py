@@ -37,7 +37,7 @@ from slurmserve.bench.cli import load_tokenizer
 from slurmserve.bench.loadgen import run_load, summarize
 from slurmserve.bench.procstat import CpuSampler
 from slurmserve.config import ConfigError, DeploymentConfig, apply_overrides, format_errors, read_yaml_mapping
-from slurmserve.launcher.local_deployment import LocalDeployment
+from slurmserve.tools.local_deployment import LocalDeployment
 
 
 class _Strict(BaseModel):

@@ -37,7 +37,7 @@ def make_model(out: Path, total_bytes: int, shards: int, seed: int = 0) -> Path:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from slurmserve.runtime.tiny_model import make_tiny_model
+    from slurmserve.tools.tiny_model import make_tiny_model
 
     make_tiny_model(out)
     per = total_bytes // shards

@@ -31,7 +31,8 @@ from slurmserve import registry
 from slurmserve.gateway.jobs import Job, JobTable
 from slurmserve.gateway.upstream import Conn, UpstreamError
 from slurmserve.private_files import write_private
-from slurmserve.router.http_app import JSON, MAX_BODY_BYTES, SSE, HeadApp
+from slurmserve.router.bearer_app import JSON, BearerApp
+from slurmserve.router.http_app import MAX_BODY_BYTES, SSE
 from slurmserve.router.http_server import HTTPServer, Request, Response
 from slurmserve.router.metrics import _LATENCY_BUCKETS
 from slurmserve.router.openai_api import NESTED_TOO_DEEP, APIError, ChunkWriter
@@ -83,26 +84,17 @@ class GatewayMetrics:
         return generate_latest(self.registry)
 
 
-class GatewayApp:
-    # The head's dispatch, bearer-key check and /metrics, as they are (they use `routes`,
-    # `open_paths`, `metrics` and `_api_key`, which this class has too).
-    __call__ = HeadApp.__call__
-    _authorize = HeadApp._authorize
-    prometheus = HeadApp.prometheus
-
+class GatewayApp(BearerApp):
     def __init__(self, jobs: JobTable, metrics: GatewayMetrics, api_key: str):
+        super().__init__(api_key, metrics)
         self.jobs = jobs
-        self.metrics = metrics
-        self._api_key = api_key.encode()
         self.created = int(time.time())
-        self.routes = {
+        self.routes.update({
             ("POST", "/v1/completions"): self.proxy,
             ("POST", "/v1/chat/completions"): self.proxy,
             ("GET", "/v1/models"): self.models,
             ("GET", "/health"): self.health,
-            ("GET", "/metrics"): self.prometheus,
-        }
-        self.open_paths = {"/health"}
+        })
 
     async def models(self, request: Request, response: Response) -> None:
         data = [{"id": m, "object": "model", "created": self.created, "owned_by": "slurmserve"}

@@ -38,7 +38,7 @@ def cmd_serve(args) -> int:
     from slurmserve.launcher.local import serve
     cfg = _load(args)
     if args.make_model and not cfg.model.path.exists():
-        from slurmserve.runtime.tiny_model import make_tiny_model
+        from slurmserve.tools.tiny_model import make_tiny_model
         make_tiny_model(cfg.model.path)
     if not cfg.model.path.is_dir():
         raise ConfigError(f"model.path: {cfg.model.path} is not a directory "
@@ -53,7 +53,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    from slurmserve.runtime import tiny_model
+    from slurmserve.tools import tiny_model
     return tiny_model.run(args)
 
 
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model", help="model utilities")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
     t = msub.add_parser("make-tiny", help="generate a tiny random-weight Llama with its tokenizer")
-    from slurmserve.runtime import tiny_model
+    from slurmserve.tools import tiny_model
     tiny_model.add_arguments(t)
     t.set_defaults(func=cmd_make_tiny)
     return ap

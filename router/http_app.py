@@ -11,7 +11,6 @@ status.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from itertools import repeat
@@ -19,6 +18,7 @@ from itertools import repeat
 import msgspec
 
 from slurmserve.router import openai_api as oa
+from slurmserve.router.bearer_app import JSON, BearerApp
 from slurmserve.router.engine_client import NoInstanceError
 from slurmserve.router.http_server import Request, Response
 from slurmserve.router.metrics import HeadMetrics
@@ -31,34 +31,30 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20
 WHOLE_ANSWER = 1 << 30    # a stream interval no answer reaches
-JSON = [(b"content-type", b"application/json")]
 SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
-class HeadApp:
+class HeadApp(BearerApp):
     def __init__(self, *, orchestrator: Orchestrator, tokenizer: Tokenizer, metrics: HeadMetrics,
                  model_name: str, max_model_len: int, api_key: str, max_concurrent: int = 4096,
                  session_header: str | None = None, stream_interval: int = 1):
+        super().__init__(api_key, metrics)
         self.orch = orchestrator
         self._token_text: oa.TokenText | None = None
         self.stream_interval = stream_interval
         self.session_header = session_header.lower().encode() if session_header else None
         self.tok = tokenizer
-        self.metrics = metrics
         self.model_name = model_name
         self.max_model_len = max_model_len
-        self._api_key = api_key.encode()
         self.max_concurrent = max_concurrent
         self.draining = False
         self.created = int(time.time())
-        self.routes = {
+        self.routes.update({
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("GET", "/v1/models"): self.models,
             ("GET", "/health"): self.health,
-            ("GET", "/metrics"): self.prometheus,
-        }
-        self.open_paths = {"/health"}
+        })
 
     def _engine_kinds(self) -> set[str]:
         """The kinds of engine the instances declared when they came up."""
@@ -77,31 +73,6 @@ class HeadApp:
         """Requests being answered (the `slurmserve:num_requests_running` gauge)."""
         return self.metrics.requests.running
 
-    # ---- entry ----------------------------------------------------------------------------------
-
-    async def __call__(self, request: Request, response: Response) -> None:
-        handler = self.routes.get((request.method, request.path))
-        try:
-            if handler is None:
-                if any(p == request.path for _, p in self.routes):
-                    raise APIError(405, f"method {request.method} is not allowed on {request.path}")
-                raise APIError(404, f"no route for {request.method} {request.path}", code="not_found")
-            if request.path not in self.open_paths:
-                self._authorize(request)
-            await handler(request, response)
-        except APIError as e:
-            self.metrics.http_errors.labels(e.status).inc()
-            response.send(e.status, e.body(), JSON + [(k.encode(), v.encode()) for k, v in e.headers.items()])
-
-    def _authorize(self, request: Request) -> None:
-        value = request.header(b"authorization")
-        if value is not None:
-            scheme, _, token = value.partition(b" ")
-            if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._api_key):
-                return
-        raise APIError(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
-                       code="invalid_api_key")
-
     # ---- simple routes --------------------------------------------------------------------------
 
     async def models(self, request: Request, response: Response) -> None:
@@ -116,9 +87,6 @@ class HeadApp:
         if not self.orch.ready():
             raise APIError(503, "not every engine instance is up", type_="service_unavailable")
         response.send(200, b'{"status":"ok"}', JSON)
-
-    async def prometheus(self, request: Request, response: Response) -> None:
-        response.send(200, self.metrics.render(), [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
 
     # ---- generation -----------------------------------------------------------------------------
 

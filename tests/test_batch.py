@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from slurmserve.launcher.batch import files as bf
-from slurmserve.launcher.local_deployment import metric_value as metric
-from slurmserve.launcher.local_deployment import processes_matching, shm_files
+from slurmserve.tools.local_deployment import metric_value as metric
+from slurmserve.tools.local_deployment import processes_matching, shm_files
 
 MODEL = "tiny-llama"
 

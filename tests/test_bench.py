@@ -21,8 +21,8 @@ import yaml
 
 from slurmserve.bench import datasets
 from slurmserve.bench.loadgen import Result, arrival_times, meets_slos, run_load, summarize
-from slurmserve.launcher.local_deployment import LocalDeployment
-from slurmserve.launcher.local_deployment import metric_value as metric
+from slurmserve.tools.local_deployment import LocalDeployment
+from slurmserve.tools.local_deployment import metric_value as metric
 from slurmserve.router.tokenizer import Tokenizer
 
 MODEL = "tiny-llama"

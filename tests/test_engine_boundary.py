@@ -12,7 +12,7 @@ import zmq
 from slurmserve.config import DeploymentConfig
 from slurmserve.kvfabric.block_hash import BlockHasher, event_hash
 from slurmserve.kvfabric.events import BlockStored
-from slurmserve.launcher.local_deployment import LocalDeployment
+from slurmserve.tools.local_deployment import LocalDeployment
 from slurmserve.router.engine_client import EngineClient, Instance
 from slurmserve.router.kv_state import KVState
 from slurmserve.router.metrics import HeadMetrics

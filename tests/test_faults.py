@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from slurmserve.launcher.local_deployment import LocalDeployment
+from slurmserve.tools.local_deployment import LocalDeployment
 from slurmserve.launcher.rank_main import HEAD_ERROR_FILE, KV_DIR_PREFIX, kv_private_dir
 from test_serve_sim import MODEL, sim_config
 from test_slurm_launcher import cluster  # noqa: F401 - the test cluster fixture

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from slurmserve.launcher.local_deployment import metric_value
+from slurmserve.tools.local_deployment import metric_value
 
 pytestmark = pytest.mark.slurm
 

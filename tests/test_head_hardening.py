@@ -17,7 +17,7 @@ import urllib.request
 import httpx
 import pytest
 
-from slurmserve.launcher.local_deployment import LocalDeployment
+from slurmserve.tools.local_deployment import LocalDeployment
 from slurmserve.router.tokenizer import Tokenizer
 
 MODEL = "tiny-llama"

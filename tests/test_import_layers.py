@@ -1,7 +1,7 @@
 """Imports point one way: each package imports only itself and the packages below it.
 
     slurmserve (config, the job secret and registry, shared utilities)
-      ← kvfabric ← runtime ← router ← launcher ← gateway ← bench
+      ← kvfabric ← runtime ← router ← launcher ← gateway ← tools ← bench
 
 Lazy imports inside functions count too: they hid the cycles this test now forbids. The two entry
 points, `python -m slurmserve` and the `slurmserve` CLI, gather every command and may import any
@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ["slurmserve", "kvfabric", "runtime", "router", "launcher", "gateway", "bench"]
+LAYERS = ["slurmserve", "kvfabric", "runtime", "router", "launcher", "gateway", "tools", "bench"]
 ENTRY_POINTS = {"slurmserve/__main__.py", "launcher/cli.py"}
 
 

@@ -69,7 +69,7 @@ def test_without_a_file_rank_0_broadcasts_one(caplog):
 def test_serve_gives_the_ranks_a_secret_file(tiny_model_dir, tmp_path):
     """`slurmserve serve` writes the job secret before mpirun starts: no rank falls back to sending
     one over MPI, and the deployment's CURVE sockets work with the derived keys."""
-    from slurmserve.launcher.local_deployment import LocalDeployment
+    from slurmserve.tools.local_deployment import LocalDeployment
     from test_serve_sim import MODEL, sim_config
     with LocalDeployment(tmp_path, sim_config(tiny_model_dir, workers=1)) as dep:
         r = dep.client().completions.create(model=MODEL, prompt="keys", max_tokens=2)

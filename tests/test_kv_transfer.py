@@ -381,7 +381,7 @@ def _answers(dep):
 
 @pytest.fixture(scope="module")
 def aggregated_texts(tiny_model_dir, tmp_path_factory):
-    from slurmserve.launcher.local_deployment import LocalDeployment
+    from slurmserve.tools.local_deployment import LocalDeployment
     agg = LocalDeployment(tmp_path_factory.mktemp("agg"), _deployment_config(tiny_model_dir, workers=1)).start()
     try:
         return [r.choices[0].text for r in _answers(agg)]
@@ -394,8 +394,8 @@ def aggregated_texts(tiny_model_dir, tmp_path_factory):
 def test_disaggregated_deployment_moves_and_verifies_real_kv(backend, aggregated_texts, tiny_model_dir, tmp_path):
     """1 prefill + 1 decode over mpirun: answers equal an aggregated deployment's, the decode rank
     pulled every prompt's KV and verified every byte, the prefill rank was told of every read."""
-    from slurmserve.launcher.local_deployment import LocalDeployment
-    from slurmserve.launcher.local_deployment import metric_value as metric
+    from slurmserve.tools.local_deployment import LocalDeployment
+    from slurmserve.tools.local_deployment import metric_value as metric
 
     dep = LocalDeployment(tmp_path, _deployment_config(tiny_model_dir, backend, prefill=1, decode=1)).start()
     try:

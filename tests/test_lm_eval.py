@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import vllm_cpu
-from slurmserve.launcher.local_deployment import LocalDeployment
+from slurmserve.tools.local_deployment import LocalDeployment
 from test_serve_vllm import MODEL, vllm_config
 
 pytestmark = pytest.mark.vllm

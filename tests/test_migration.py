@@ -21,8 +21,8 @@ import pytest
 import zmq
 
 from slurmserve.config import DeploymentConfig
-from slurmserve.launcher.local_deployment import LocalDeployment
-from slurmserve.launcher.local_deployment import metric_value as metric
+from slurmserve.tools.local_deployment import LocalDeployment
+from slurmserve.tools.local_deployment import metric_value as metric
 from slurmserve.router.engine_client import EngineClient, Instance
 from slurmserve.router.head import Head
 from slurmserve.router.metrics import HeadMetrics

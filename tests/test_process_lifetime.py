@@ -13,7 +13,7 @@ import psutil
 import yaml
 
 from slurmserve.config import load_config
-from slurmserve.launcher.local_deployment import LocalDeployment
+from slurmserve.tools.local_deployment import LocalDeployment
 from slurmserve.launcher.sbatch import render_sbatch
 from slurmserve.slurm_config import SiteConfig, SlurmOptions
 

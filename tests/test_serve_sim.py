@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from slurmserve.launcher.local_deployment import LocalDeployment, shm_files
-from slurmserve.launcher.local_deployment import metric_value as metric
+from slurmserve.tools.local_deployment import LocalDeployment, shm_files
+from slurmserve.tools.local_deployment import metric_value as metric
 from slurmserve.router.tokenizer import Tokenizer
 
 MODEL = "tiny-llama"

@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 import vllm_cpu
-from slurmserve.launcher.local_deployment import LocalDeployment
-from slurmserve.launcher.local_deployment import metric_value as metric
+from slurmserve.tools.local_deployment import LocalDeployment
+from slurmserve.tools.local_deployment import metric_value as metric
 from slurmserve.router.tokenizer import Tokenizer
 from vllm_cpu import BLOCK, ENGINE_ARGS, MAX_MODEL_LEN, MAX_TOKENS, Offline
 

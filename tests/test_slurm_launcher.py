@@ -452,7 +452,7 @@ SHM_BEFORE: set[str] = set()
 
 @pytest.fixture(scope="module")
 def cluster():
-    from slurmserve.launcher.local_deployment import shm_files
+    from slurmserve.tools.local_deployment import shm_files
     why = _cluster_up()
     assert why is None, why
     SHM_BEFORE.update(shm_files())
@@ -476,7 +476,7 @@ def job_processes(job_id: str, needle: str) -> list[str]:
 
 
 def assert_nothing_left(job_id: str, needle: str, timeout: float = 20) -> None:
-    from slurmserve.launcher.local_deployment import shm_files
+    from slurmserve.tools.local_deployment import shm_files
     deadline = time.time() + timeout
     while time.time() < deadline:
         left = job_processes(job_id, needle)

@@ -1,4 +1,4 @@
-"""The tiny test/demo model (slurmserve.runtime.tiny_model): files, determinism, HF loading."""
+"""The tiny test/demo model (slurmserve.tools.tiny_model): files, determinism, HF loading."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from slurmserve.runtime.tiny_model import FILES, MARKER, add_arguments, main, make_tiny_model, run
+from slurmserve.tools.tiny_model import FILES, MARKER, add_arguments, main, make_tiny_model, run
 
 
 def _contents(d):
@@ -102,7 +102,7 @@ def test_builds_and_tokenizes_without_torch(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         sys.modules["torch"] = None          # import torch -> ImportError; find_spec -> None
-        from slurmserve.runtime.tiny_model import make_tiny_model
+        from slurmserve.tools.tiny_model import make_tiny_model
         from slurmserve.router.tokenizer import Tokenizer, TextStream
         make_tiny_model({str(tmp_path / 'm')!r})
         tok = Tokenizer({str(tmp_path / 'm')!r})

@@ -9,7 +9,7 @@ import pytest
 
 from slurmserve.router.tokenizer import (IncrementalDetokenizer, StopChecker, TextStream, Tokenizer,
                                          normalize_messages)
-from slurmserve.runtime.tiny_model import make_tiny_model
+from slurmserve.tools.tiny_model import make_tiny_model
 
 MULTILINGUAL = "héllo 世界 🎉 naïve café — ok 😀😀 done"
 
