@@ -1,10 +1,11 @@
 """Discrete-event fleet simulator on virtual time: many SimEngines in one process.
 
-Each engine is a real `runtime.sim_engine.SimEngine`; the fleet calls its `_schedule_step()` (the
-same scheduling, paged KV, prefix caching, chunked prefill, preemption and step-cost code the
-served simulator runs) and, instead of sleeping the step's modelled duration, advances a virtual
-clock by it. There is therefore one step model, and the results depend neither on this machine's
-speed nor on its load: the same seed gives the same numbers.
+Each engine is a real `runtime.sim_engine.SimEngine`, never started: the fleet adds requests to its
+scheduler (`runtime.sim.scheduler.Scheduler`) and calls its `step()` (the same scheduling, paged
+KV, prefix caching, chunked prefill, preemption and step-cost code the served simulator runs) and,
+instead of sleeping the step's modelled duration, advances a virtual clock by it. There is
+therefore one step model, and the results depend neither on this machine's speed nor on its load:
+the same seed gives the same numbers.
 
 Event loop: arrivals (Poisson or gamma gaps, `bench.loadgen.arrival_times`) are routed to an
 engine; an idle engine with work starts a step at once; a step scheduled at t delivers its tokens
@@ -12,8 +13,8 @@ at t + step_ms, and the engine then starts its next step. Requests arriving duri
 the next one, as in the served engine.
 
 Aggregated fleet: `workers` engines, router `least_loaded`, `round_robin` or `kv` (the head's own
-policy classes from `router.policies`, fed the simulator's exact load), or any object with the
-policies' `choose` (`bench routing`'s oracle). For `kv`, every step's KV
+policy classes from `router.policies`, fed the simulator's exact load), or any other
+`router.policies.Policy` (`bench routing`'s oracle). For `kv`, every step's KV
 events go straight into a fleet `KVIndex`, and the fleet keeps the head's load account (prefill
 blocks until the first token, held blocks until the end) as the Orchestrator does.
 
@@ -24,8 +25,8 @@ does against a served deployment).
 Disaggregated fleet: `prefill` + `decode` engines, as the head's orchestrator does it: a
 prefill-only leg (max_tokens=1, `do_remote_decode`) on a prefill engine, then the returned
 kv_transfer_params go to a decode engine, whose admitting step pays `remote_block_transfer_ms` per
-pulled block (SimEngine's modelled transfer; settable here) and samples the first token the client
-sees. TTFT = arrival -> that first token (prefill + queueing on both sides + transfer); TPOT =
+pulled block (the scheduler's modelled transfer; settable here) and samples the first token the
+client sees. TTFT = arrival -> that first token (prefill + queueing on both sides + transfer); TPOT =
 (E2E - TTFT) / (output tokens - 1). Unlike the orchestrator, the fleet always disaggregates (no
 local prefill of short prompts).
 
@@ -44,12 +45,13 @@ from typing import Any
 from slurmserve.bench.datasets import RequestSpec, _length
 from slurmserve.bench.loadgen import Result, arrival_times, meets_slos, summarize
 from slurmserve.config import DeploymentConfig, KVRoutingConfig, SimConfig
-from slurmserve.kvfabric.events import BlockRemoved
 from slurmserve.kvfabric.kv_index import KVIndex
-from slurmserve.router.policies import HeadLoad, KVAware, LeastLoaded, Policy, PrefixHasher, RoundRobin, Route
+from slurmserve.router.instance import HeadLoad
+from slurmserve.router.policies import KVAware, LeastLoaded, Policy, PrefixHasher, RoundRobin, Route
 from slurmserve.runtime.engine import EngineContext, EngineRequest
 from slurmserve.runtime.protocol import SamplingParams
-from slurmserve.runtime.sim_engine import SimEngine, _Req, decode_step_ms, prefill_step_ms
+from slurmserve.runtime.sim.request import SimRequest
+from slurmserve.runtime.sim_engine import SimEngine, decode_step_ms, prefill_step_ms
 
 POLICIES = ("least_loaded", "round_robin", "kv")
 
@@ -94,17 +96,19 @@ class Workload:
 
 
 class _Engine(HeadLoad):
-    """One SimEngine stepped on virtual time; also the router's Candidate."""
+    """One SimEngine's scheduler stepped on virtual time; also the router's Candidate."""
 
     def __init__(self, index: int, role: str, sim: SimConfig, max_model_len: int, transfer_ms: float | None):
         HeadLoad.__init__(self)
         cfg = DeploymentConfig.model_validate({
             "model": {"path": "/nonexistent/fleet-sim-model", "max_model_len": max_model_len},
             "engine": {"kind": "sim", "sim": sim.model_dump()}})
-        self.engine = SimEngine(cfg, EngineContext(instance=index, role=role, host="127.0.0.1",
-                                                   kv_events_endpoint="", kv_side_channel_port=0))
+        # built as the served engine builds it (config -> sampler, block pool, connector), never started
+        engine = SimEngine(cfg, EngineContext(instance=index, role=role, host="127.0.0.1",
+                                              kv_events_endpoint="", kv_side_channel_port=0))
+        self.scheduler = engine.scheduler
         if transfer_ms is not None:
-            self.engine.remote_block_transfer_ms = transfer_ms
+            self.scheduler.remote_block_transfer_ms = transfer_ms
         self.index = index
         self.role = role
         self.inflight = 0
@@ -115,15 +119,15 @@ class _Engine(HeadLoad):
     # Candidate attributes read by the router's policies
     @property
     def waiting(self) -> int:
-        return len(self.engine._waiting)
+        return self.scheduler.num_waiting
 
     @property
     def running(self) -> int:
-        return len(self.engine._running)
+        return self.scheduler.num_running
 
     @property
     def kv_usage(self) -> float:
-        return 1.0 - len(self.engine._free) / self.num_kv_blocks
+        return 1.0 - self.scheduler.blocks.num_free / self.num_kv_blocks
 
 
 @dataclass
@@ -210,17 +214,16 @@ class Fleet:
         def submit(t: float, pool: str, i: int, kv: dict | None, max_tokens: int, last: bool) -> None:
             prompt = prompt_of(i)
             route = Route(prompt, self.hasher)
-            eng = self.policies[pool].choose(self.pools[pool], route)
+            choice = self.policies[pool].choice(self.pools[pool], route)
+            eng = choice.instance
             rid = f"{pool}-{i}"
             request = EngineRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), kv)
-            err = eng.engine._check(request)
-            if err is not None:
-                raise ValueError(f"request {i}: {err}")
-            eng.engine._waiting.append(_Req(request, i + 1, max_tokens))
+            eng.scheduler.check(request)                  # InvalidRequest (a ValueError) if it cannot fit
+            eng.scheduler.add(SimRequest(request, i + 1, max_tokens))
             eng.inflight += 1
             # the head's load account, as Orchestrator.submit keeps it
             bs = eng.block_size
-            leg = _Leg(i, last, route.prompt_blocks(bs) - route.overlap_blocks, route.prompt_blocks(bs),
+            leg = _Leg(i, last, route.prompt_blocks(bs) - choice.overlap_blocks, route.prompt_blocks(bs),
                        route.known_hashes(bs))
             eng.add(leg)
             legs[rid] = leg
@@ -229,18 +232,14 @@ class Fleet:
         def start(eng: _Engine, t: float) -> None:
             if eng.busy:
                 return
-            sim = eng.engine
-            ms = sim._schedule_step()
-            if self.index is not None and (sim._removed or sim._stored):
+            ms, produced = eng.scheduler.step()
+            events = eng.scheduler.blocks.take_events()
+            if self.index is not None and events:
                 # what the engine publishes this step; the head applies it at once
-                events = [BlockRemoved(sim._removed)] if sim._removed else []
-                self.index.apply(eng.index, events + sim._stored)
-            sim._removed = []
-            sim._stored = []
-            touched, sim._touched = sim._touched, []
+                self.index.apply(eng.index, events)
             if ms > 0.0:
                 eng.busy = True
-                push(t + ms / 1000.0, STEP_END, (eng, touched))
+                push(t + ms / 1000.0, STEP_END, (eng, produced))
 
         def arrive(t: float, i: int) -> None:
             results[i].start = t
@@ -263,12 +262,12 @@ class Fleet:
             if kind == ARRIVE:
                 arrive(t, payload)
                 continue
-            eng, touched = payload
+            eng, produced = payload
             eng.busy = False
-            for req in touched:
+            for req in produced:
                 leg = legs[req.req_id]
                 r = results[leg.i]
-                req.out.clear()
+                req.out.clear()                                 # no stream reads them here
                 if req.num_out and leg.prefill_blocks:
                     eng.prefilled(leg)                          # past its first token
                 if leg.last and not r.ttft and req.num_out:
@@ -291,8 +290,8 @@ class Fleet:
 
     def stats(self) -> dict:
         engines = [e for pool in self.pools.values() for e in pool]
-        return {"steps": sum(e.engine.steps for e in engines),
-                "preemptions": sum(e.engine.num_preemptions for e in engines)}
+        return {"steps": sum(e.scheduler.steps for e in engines),
+                "preemptions": sum(e.scheduler.num_preemptions for e in engines)}
 
 
 def simulate(fleet_kwargs: dict, workload: Workload, rate: float, slos: dict[str, float] | None = None,

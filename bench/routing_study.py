@@ -30,12 +30,13 @@ from slurmserve.bench.datasets import build
 from slurmserve.bench.fleet_sim import POLICIES, Fleet
 from slurmserve.bench.loadgen import Result, summarize
 from slurmserve.config import KVRoutingConfig, SimConfig
+from slurmserve.router.policies import Choice, Policy
 
 
 ORACLE = "prefix-pinned (oracle)"
 
 
-class PrefixPinned:
+class PrefixPinned(Policy):
     """The oracle: the n-th distinct prefix to arrive goes to engine n mod workers, and so does
     every later prompt that starts with it. It reads the prefix off the prompt's first block,
     which only this dataset (a prefix longer than a block per prompt) makes possible."""
@@ -44,10 +45,10 @@ class PrefixPinned:
         self.block_size = block_size
         self.engine_of: dict[tuple[int, ...], int] = {}
 
-    def choose(self, candidates, route):
+    def choice(self, candidates, route):
         key = tuple(route.prompt_token_ids[:self.block_size])
         n = self.engine_of.setdefault(key, len(self.engine_of))
-        return candidates[n % len(candidates)]
+        return Choice(candidates[n % len(candidates)])
 
 
 def run_once(a, policy: str, seed: int, scale: float | None = None, requests: int | None = None) -> list[Result]:

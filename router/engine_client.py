@@ -1,4 +1,5 @@
-"""The head's side of the control plane: engine instances, their health, and request streams.
+"""The head's side of the control plane, transport only: engine instances' liveness, and request
+streams to and from them. Which instance serves a request is the Router's business (router/routing.py).
 
 One ROUTER socket talks to every instance's DEALER. Deltas arrive batched per engine step and are
 fanned out to per-request streams; heartbeats keep each instance in rotation (the first ready one
@@ -6,7 +7,8 @@ carries the engine's declaration, protocol.EngineInfo: block size, block-hash sc
 prefix caching, which is all the head knows of an engine), and an instance that
 misses them for `heartbeat_timeout_s` is dropped with its in-flight requests failed cleanly: each
 stream ends with an error delta and is marked `lost`, which the Orchestrator may answer by
-continuing the request on another instance (migration).
+continuing the request on another instance (migration). Sending and releasing requests keeps each
+instance's load ledger (HeadLoad, router/instance.py) that the `kv` policy reads.
 """
 
 from __future__ import annotations
@@ -16,47 +18,15 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import zmq
 
+from slurmserve.router.instance import Instance
 from slurmserve.router.metrics import HeadMetrics
-from slurmserve.router.policies import HeadLoad, Policy, PrefixHasher, Route
 from slurmserve.runtime import protocol as P
 from slurmserve.zmq_loop import LoopSocket
 
 log = logging.getLogger(__name__)
-
-
-class NoInstanceError(Exception):
-    """No live engine instance in the pool a request needs."""
-
-
-@dataclass(eq=False)
-class Instance(HeadLoad):
-    index: int
-    role: str
-    identity: bytes
-    address: str
-    up: bool = False
-    ever_up: bool = False
-    failed: str | None = None       # why it gave up before it was ever up (one line, for the user)
-    down_reason: str = ""           # why it last left rotation
-    last_seen: float = 0.0
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0
-    num_kv_blocks: int = 0
-    block_size: int = 0
-    info: P.EngineInfo | None = None   # what its engine declared when it came up
-    # Output flow control (protocol.Consumed): StepOutputs read from it, and confirmed to it.
-    outputs_read: int = 0
-    outputs_confirmed: int = 0
-    streams: dict[str, DeltaStream] = field(default_factory=dict)
-
-    @property
-    def inflight(self) -> int:
-        return len(self.streams)
 
 
 class DeltaStream:
@@ -138,15 +108,17 @@ class DeltaStream:
 
 
 class EngineClient:
-    def __init__(self, sock: zmq.Socket, instances: list[Instance], policies: dict[str, Policy],
-                 metrics: HeadMetrics, heartbeat_timeout_s: float,
+    """The ROUTER socket to every instance: their liveness (heartbeats, the watchdog, Failed and
+    Goodbye), requests sent, aborted and released, and output flow control."""
+
+    def __init__(self, sock: zmq.Socket, instances: list[Instance], metrics: HeadMetrics,
+                 heartbeat_timeout_s: float,
                  on_instance_down: Callable[[int], None] = lambda index: None,
                  on_instance_declared: Callable[[int, P.EngineInfo], None] = lambda index, info: None):
         self._zsock = sock
         self.sock: LoopSocket | None = None
         self.instances = instances
         self.by_identity = {i.identity: i for i in instances}
-        self.policies = policies
         self.metrics = metrics
         self.heartbeat_timeout_s = heartbeat_timeout_s
         # A rank that sends heartbeats while its engine starts and then falls silent died starting
@@ -157,7 +129,6 @@ class EngineClient:
         self.min_instances = len(instances)   # runtime.min_instances: up for the pools to be ready
         self.on_instance_down = on_instance_down
         self.on_instance_declared = on_instance_declared
-        self._hashers: dict[tuple[str, str | None], PrefixHasher] = {}
         self.streams: dict[str, DeltaStream] = {}
         self._dirty: list[DeltaStream] = []   # streams with a sink and undelivered deltas
         self._window_full: list[Instance] = []   # instances owed a Consumed after this drain
@@ -187,6 +158,7 @@ class EngineClient:
     # ---- pools ----------------------------------------------------------------------------------
 
     def pool(self, role: str) -> list[Instance]:
+        """The instances of `role` in rotation."""
         return [i for i in self.instances if i.up and i.role == role]
 
     def all_ready(self) -> bool:
@@ -198,33 +170,9 @@ class EngineClient:
             return False
         return all(self.pool(role) for role in {i.role for i in self.instances})
 
-    def prefix_hasher(self) -> tuple[bool, PrefixHasher | None]:
-        """(whether any instance has declared its engine, the prompt hasher that matches the block
-        hashes in its KV events: None when it declared no scheme the head can reproduce). The
-        instances of a deployment run one engine configuration, so the first declaration speaks
-        for all."""
-        for inst in self.instances:
-            info = inst.info
-            if info is not None:
-                if info.hash_algo is None or not info.prefix_caching:
-                    return True, None
-                key = (info.hash_algo, info.hash_seed)
-                hasher = self._hashers.get(key)
-                if hasher is None:
-                    hasher = self._hashers[key] = PrefixHasher(info.hash_seed, info.hash_algo)
-                return True, hasher
-        return False, None
-
     def batch_capacity(self, roles: tuple[str, ...] = ("worker", "decode")) -> int:
         """Requests the declared instances of `roles` can run at once (their max_num_seqs)."""
         return sum(i.info.max_num_seqs for i in self.instances if i.info is not None and i.role in roles)
-
-    def choose(self, role: str, route: Route) -> Instance:
-        live = self.pool(role)
-        if not live:
-            raise NoInstanceError(f"no {role} instance is available")
-        route.overlap_blocks = 0   # a policy that knows better sets it
-        return self.policies[role].choose(live, route)
 
     # ---- requests -------------------------------------------------------------------------------
 

@@ -23,13 +23,15 @@ import zmq
 from slurmserve.config import DeploymentConfig
 from slurmserve.private_files import write_private
 from slurmserve.kvfabric.kv_index import ApproxKVIndex
-from slurmserve.router.engine_client import EngineClient, Instance
+from slurmserve.router.engine_client import EngineClient
 from slurmserve.router.http_app import MAX_BODY_BYTES, HeadApp
 from slurmserve.router.http_server import HTTPServer
+from slurmserve.router.instance import Instance
 from slurmserve.router.kv_state import KVState
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.orchestrator import Orchestrator
 from slurmserve.router.policies import make_policies
+from slurmserve.router.routing import Router
 from slurmserve.router.tokenizer import Tokenizer
 from slurmserve.registry import HeadRegistration
 from slurmserve.runtime.bootstrap import World
@@ -99,8 +101,7 @@ class Head:
                      for i, (role, r) in enumerate(zip(cfg.pools.instances(), world.instance_leaders(cfg)))]
         kv = cfg.router.kv
         kv_state = KVState(metrics, ApproxKVIndex(kv.approx_ttl_s) if kv.index == "approximate" else None)
-        policies = make_policies(cfg.router.policy, {i.role for i in instances}, kv_state.index, kv)
-        client = EngineClient(self.sock, instances, policies, metrics, cfg.runtime.heartbeat_timeout_s,
+        client = EngineClient(self.sock, instances, metrics, cfg.runtime.heartbeat_timeout_s,
                               on_instance_down=kv_state.forget, on_instance_declared=kv_state.declare)
         client.min_instances = cfg.runtime.min_instances or len(instances)
         client.start()
@@ -118,16 +119,18 @@ class Head:
             if leader.endpoints.get("kv_events"):
                 kv_state.watch(inst.index, leader.endpoints["kv_events"],
                                world.keys.public(world.keys.kv_events(inst.index)))
-        # prompts are hashed with the scheme the engines declare when they come up (EngineInfo)
-        orchestrator = Orchestrator(client, metrics, cfg.pools.disaggregated, kv_state.index, None,
-                                    cfg.router.disagg, cfg.router.kv.busy_threshold,
-                                    migration_limit=cfg.router.migration_limit)
+        policies = make_policies(cfg.router.policy, {i.role for i in instances}, kv_state.index, cfg.router.kv)
+        # no fallback hasher: prompts are hashed with the scheme the engines declare when they come up
+        router = Router(instances, policies, kv_state.index)
+        orchestrator = Orchestrator(client, router, metrics, cfg.pools.disaggregated, cfg.router.disagg,
+                                    cfg.router.kv.busy_threshold, migration_limit=cfg.router.migration_limit)
         app = HeadApp(orchestrator=orchestrator,
                       tokenizer=tokenizer, metrics=metrics, model_name=cfg.model.served_name,
                       max_model_len=cfg.model.max_model_len, api_key=api_key,
                       max_concurrent=cfg.router.max_concurrent_requests,
                       session_header=cfg.router.session_header,
-                      stream_interval=cfg.router.stream_interval)
+                      stream_interval=cfg.router.stream_interval,
+                      tool_call_parser=cfg.router.tool_call_parser)
 
         address = (cfg.router.host or world.head.address, cfg.router.port)
         try:

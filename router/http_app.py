@@ -19,12 +19,13 @@ import msgspec
 
 from slurmserve.router import openai_api as oa
 from slurmserve.router.bearer_app import JSON, BearerApp
-from slurmserve.router.engine_client import NoInstanceError
 from slurmserve.router.http_server import Request, Response
+from slurmserve.router.instance import NoInstanceError
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.openai_api import APIError, ChunkWriter
 from slurmserve.router.orchestrator import Orchestrator
 from slurmserve.router.tokenizer import TextStream, Tokenizer, TooLong
+from slurmserve.router.tool_calls import ToolCalling, check_parser
 from slurmserve.runtime import protocol as P
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,12 @@ SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 class HeadApp(BearerApp):
     def __init__(self, *, orchestrator: Orchestrator, tokenizer: Tokenizer, metrics: HeadMetrics,
                  model_name: str, max_model_len: int, api_key: str, max_concurrent: int = 4096,
-                 session_header: str | None = None, stream_interval: int = 1):
+                 session_header: str | None = None, stream_interval: int = 1,
+                 tool_call_parser: str | None = None):
         super().__init__(api_key, metrics)
+        if tool_call_parser is not None:
+            check_parser(tool_call_parser)
+        self.tool_call_parser = tool_call_parser     # vLLM's parser name, for tool_choice "auto"
         self.orch = orchestrator
         self._token_text: oa.TokenText | None = None
         self.stream_interval = stream_interval
@@ -104,6 +109,12 @@ class HeadApp(BearerApp):
         oa.check_supported(req)
         stops = oa.stop_strings(req)
         structured, param = oa.structured_outputs(req)
+        tools = ToolCalling(req, self.tool_call_parser, self.tok.hf) if chat and req.tools else None
+        if tools is not None and (forced := tools.structured_outputs()) is not None:
+            if structured is not None:
+                raise APIError(400, f"{param} and tool_choice {tools.mode!r} both constrain the output: "
+                                    f"send one", param=param)
+            structured, param = forced, "tool_choice"
         if structured is not None and "sim" in self._engine_kinds():
             raise APIError(400, f"{param}: the simulated engine (engine.kind sim) has no structured "
                                 f"output; it needs an engine such as vllm", param=param)
@@ -112,13 +123,15 @@ class HeadApp(BearerApp):
         # prompt of `limit` tokens or more comes back as its token count (_job refuses it).
         if chat:
             try:
-                prompt = await tok.off_loop(len(body), tok.chat_prompt, req.messages, limit,
-                                            req.chat_template_kwargs or {})
+                template_kwargs = dict(req.chat_template_kwargs or {})
+                if tools is not None:
+                    template_kwargs["tools"] = tools.tools
+                prompt = await tok.off_loop(len(body), tok.chat_prompt, req.messages, limit, template_kwargs)
             except TooLong as e:
                 raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
             except (ValueError, TypeError, KeyError, RecursionError) as e:
                 raise APIError(400, f"messages: {e}", param="messages") from None
-            return req, [self._job(req, chat, prompt, "", structured)], stops
+            return req, [self._job(req, chat, prompt, "", structured)], stops, tools
         prompts = oa.completion_prompts(req, tok.vocab_size)
         texts = [p for p in prompts if isinstance(p, str)]
         if texts:
@@ -134,7 +147,7 @@ class HeadApp(BearerApp):
             if req.echo:   # (after _job: token ids are decoded only for a prompt that fits)
                 echo = p if isinstance(p, str) else await tok.off_loop(len(ids), tok.decode, ids)
             jobs.append((ids, params, echo))
-        return req, jobs, stops
+        return req, jobs, stops, None
 
     def _job(self, req, chat: bool, prompt: list[int] | int, echo: str, structured: dict | None = None) -> tuple:
         """(token ids, sampling params, echo) of one prompt; echo: with `echo`, its text, answered
@@ -153,7 +166,7 @@ class HeadApp(BearerApp):
         if self.inflight >= self.max_concurrent:
             raise APIError(429, "too many requests in flight", type_="rate_limit_error",
                            headers={"retry-after": "1"})
-        req, jobs, stops = await self._prepare(request.body, chat)
+        req, jobs, stops, tools = await self._prepare(request.body, chat)
         if response.disconnected:    # left while its prompt was tokenized off the loop
             self.metrics.requests.count("abort")
             return
@@ -172,7 +185,7 @@ class HeadApp(BearerApp):
             if stream is None:
                 return
             answer = (StreamedAnswer if req.stream else WholeAnswer)(self, response, req, rid, prompt,
-                                                                       stops, chat, start, echo)
+                                                                       stops, chat, start, echo, tools)
             if req.n > 1 or len(jobs) > 1:
                 await self._more_choices(answer, stream, req, rid, jobs, stops, session, interval)
                 return
@@ -221,7 +234,7 @@ class HeadApp(BearerApp):
                     return
                 streams.append(stream)
                 choices.add(type(first)(self, first.response, req, rid, prompt, stops, first.chat,
-                                        first.start, echo), counts_prompt=i == 0)
+                                        first.start, echo, first.calling), counts_prompt=i == 0)
             first.response.on_disconnect = choices.stop_all
             for s, answer in zip(streams, choices.answers):
                 s.attach(answer.feed)
@@ -256,9 +269,11 @@ class _Answer:
     response is complete or the client has left."""
 
     def __init__(self, app: HeadApp, response: Response, req, rid: str, prompt: list[int],
-                 stops: list[str], chat: bool, start: float, echo: str = ""):
+                 stops: list[str], chat: bool, start: float, echo: str = "", calling: ToolCalling | None = None):
         self.app = app
         self.echo = echo
+        self.calling = calling      # the request's tools, if any; `tools` is this choice's own state
+        self.tools = calling.answer() if calling is not None else None
         self.choices: Choices | None = None
         self.counts_prompt = True      # the first choice of its prompt: usage counts the prompt once
         self.response = response
@@ -448,8 +463,10 @@ class WholeAnswer(_Answer):
             return
         if self.echo_only:
             finish = "length"
-        self.result = (self.echo + "".join(self.parts), _openai_finish(finish),
-                       None if self.top is None else self._logprobs())
+        text, finish = self.echo + "".join(self.parts), _openai_finish(finish)
+        if self.tools is not None:       # the message carries tool calls instead of (or with) text
+            text, finish = self.tools.message(text, finish)
+        self.result = (text, finish, None if self.top is None else self._logprobs())
         if self.choices is None:
             body = oa.full_response(self.chat, self.rid, self.app.model_name, [self.result],
                                     oa.usage(self.n_prompt, self.n_out, self.n_cached))
@@ -503,7 +520,9 @@ class StreamedAnswer(_Answer):
             elif delta.finish_reason is not None:
                 finish = "length" if self.echo_only else delta.finish_reason
                 piece += self.text.finish()
-            if self.top is not None and self.entries:
+            if self.tools is not None:
+                events.extend(out.delta(d) for d in self.tools.feed(piece, delta.token_ids, finish is not None))
+            elif self.top is not None and self.entries:
                 events.append(out.text(piece, None, msgspec.json.encode(self._logprobs())))
             elif piece:
                 events.append(out.text(piece))
@@ -511,7 +530,8 @@ class StreamedAnswer(_Answer):
             self.response.write(b"".join(events))
             return
         if finish != "error":
-            events.append(out.finish(_openai_finish(finish)))
+            reason = _openai_finish(finish)
+            events.append(out.finish(reason if self.tools is None else self.tools.finish_reason(reason)))
         choices = self.choices
         if choices is not None and finish != "error":
             if not choices.ended():       # the others still stream

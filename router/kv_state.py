@@ -1,8 +1,8 @@
 """What the head knows about every engine's KV cache, fed by the engines' KV events.
 
 It counts events, tracks which instances' cache state is trustworthy, and keeps the fleet KV index
-that the `kv` policy and the disaggregation decision read: fed by these events, or, in approximate
-mode, by the router's own decisions (then events are only counted). An instance whose engine
+that routing reads (the `kv` policy; the Router, for what a decode instance caches): fed by these
+events, or, in approximate mode, by the `kv` policy's own decisions (then events are only counted). An instance whose engine
 declared no block-hash scheme the head can reproduce (protocol.EngineInfo) has its events counted
 only: its hashes could never match a prompt's, and would only fill the index.
 """

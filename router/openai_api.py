@@ -90,6 +90,8 @@ class ChatRequest(_Common, kw_only=True):
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    tool_choice: str | dict[str, Any] | None = None    # checked by router.tool_calls
+    parallel_tool_calls: bool | None = None
 
 
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
@@ -117,8 +119,12 @@ def parse(body: bytes, chat: bool) -> CompletionRequest | ChatRequest:
 
 def check_supported(req: _Common) -> None:
     # Accepted by the OpenAI API but not served here: refused, rather than silently ignored.
-    if req.tools:
-        raise APIError(400, "tools (function calling) are not supported", param="tools")
+    if req.tools and not isinstance(req, ChatRequest):
+        raise APIError(400, "tools (function calling) are for chat completions", param="tools")
+    if getattr(req, "tool_choice", None) is not None and not req.tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    if req.tools and getattr(req, "logprobs", False):
+        raise APIError(400, "logprobs together with tools are not supported", param="logprobs")
     if getattr(req, "suffix", None):
         raise APIError(400, "suffix is not supported", param="suffix")
     if (getattr(req, "best_of", None) or 1) != 1:
@@ -302,12 +308,13 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def full_response(chat: bool, rid: str, model: str, choices: list[tuple[str, str, Any]], usage_: dict) -> bytes:
+def full_response(chat: bool, rid: str, model: str, choices: list[tuple[str | dict, str, Any]],
+                  usage_: dict) -> bytes:
     """The body of a whole answer; `choices`: (text, finish reason, logprobs object or None) of
-    each, in index order."""
+    each, in index order. A chat choice's text may be its whole message instead (tool calls)."""
     if chat:
-        out = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                "finish_reason": finish} for i, (text, finish, lp) in enumerate(choices)]
+        out = [{"index": i, "message": text if isinstance(text, dict) else {"role": "assistant", "content": text},
+                "logprobs": lp, "finish_reason": finish} for i, (text, finish, lp) in enumerate(choices)]
         obj = "chat.completion"
     else:
         out = [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
@@ -344,6 +351,10 @@ class ChunkWriter:
         else:
             body = b'"text":' + t + b',"logprobs":' + logprobs + b',"finish_reason":' + fr
         return self._head + body + b"}]}\n\n"
+
+    def delta(self, delta: dict) -> bytes:
+        """A chat chunk with any delta object (tool calls)."""
+        return self._head + b'"delta":' + msgspec.json.encode(delta) + b',"logprobs":null,"finish_reason":null}]}\n\n'
 
     def finish(self, finish_reason: str) -> bytes:
         fr = b'"' + finish_reason.encode() + b'"'

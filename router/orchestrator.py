@@ -1,4 +1,5 @@
 """One request's path through the engines: aggregated, or prefill on one pool and decode on another.
+The Router (router/routing.py) chooses each leg's instance; the EngineClient sends it there.
 
 Disaggregated requests first run a `prefill_only` leg (max_tokens=1) and hand the handoff it returns,
 untouched and unread, to a decode instance as a `decode_with_handoff` leg: what a handoff holds is
@@ -6,15 +7,13 @@ the engines' business (vLLM's kv_transfer_params, TensorRT-LLM's DisaggregatedPa
 of the prefill leg falls back to prefilling on the decode instance, so the client still gets a
 normal answer.
 
-Prompt block hashes (for the `kv` policy and the fleet KV index) use the scheme the instances
-declared (EngineClient.prefix_hasher); `hasher` given here serves only until one has.
-
 Remote prefill is conditional: the decode instance (chosen first, by load) prefills locally when
 the prompt's part it does not cache is short, or a small fraction of the prompt, or when the prefill
 pool is saturated, since then the transfer costs more than it saves.
 
-Between heartbeats the head keeps its own account of each instance's load (`EngineClient.submit`):
-a request's uncached prompt blocks count as pending prefill until its first token, and its prompt
+Between heartbeats the head keeps its own account of each instance's load (HeadLoad, router/instance.py,
+kept by `EngineClient.submit` and `release`): a request's uncached prompt blocks (what its Choice
+says the instance does not cache) count as pending prefill until its first token, and its prompt
 blocks as held KV until it finishes (a block that requests there share, once). The `kv` policy
 reads both.
 
@@ -32,14 +31,14 @@ import logging
 import msgspec
 
 from slurmserve.config import DisaggConfig
-from slurmserve.router.engine_client import DeltaStream, EngineClient, Instance, NoInstanceError
+from slurmserve.router.engine_client import DeltaStream, EngineClient
+from slurmserve.router.instance import NoInstanceError
 from slurmserve.router.metrics import HeadMetrics
-from slurmserve.router.policies import PrefixHasher, Route, kv_usage_estimate
+from slurmserve.router.policies import Choice, Route, kv_usage_estimate
+from slurmserve.router.routing import Router
 from slurmserve.runtime import protocol as P
 
 log = logging.getLogger(__name__)
-
-MAX_SESSIONS = 100_000   # session-affinity entries kept (least recently used go first)
 
 
 class RequestStream:
@@ -86,21 +85,20 @@ class RequestStream:
 
 
 class Orchestrator:
-    def __init__(self, client: EngineClient, metrics: HeadMetrics, disaggregated: bool,
-                 kv_index=None, hasher: PrefixHasher | None = None, disagg: DisaggConfig | None = None,
-                 busy_threshold: float = 0.95, migration_limit: int = 3):
+    """Starts, migrates and releases requests: what HeadApp (router/http_app.py) calls."""
+
+    def __init__(self, client: EngineClient, router: Router, metrics: HeadMetrics, disaggregated: bool,
+                 disagg: DisaggConfig | None = None, busy_threshold: float = 0.95, migration_limit: int = 3):
         self.client = client
+        self.router = router
         self.metrics = metrics
         self.disaggregated = disaggregated
-        self.kv_index = kv_index              # fleet KV index (kvfabric.kv_index), if any
-        self.hasher = hasher
         self.disagg = disagg or DisaggConfig()
-        self.busy_threshold = busy_threshold
-        self.prefill_timeout_s = self.disagg.prefill_timeout_s
+        self.busy_threshold = busy_threshold     # a prefill pool all at or over it prefills nothing more
         self.migration_limit = migration_limit   # per request; 0: a lost instance fails its requests
-        self.sessions: dict[bytes, Instance] = {}   # session affinity, least recently used first
 
     def ready(self) -> bool:
+        """Every pool can serve (HeadApp's /health)."""
         return self.client.all_ready()
 
     async def start(self, req_id: str, prompt: list[int], params: P.SamplingParams,
@@ -109,20 +107,16 @@ class Orchestrator:
         the caller must `release`. Raises NoInstanceError if no engine can take it. Requests of one
         `session` (a client-chosen id) stay on one instance while it lives. After the first delta,
         the next comes once `interval` tokens have queued up, or at the end."""
-        route = Route(prompt, self._hasher())
+        route = self.router.route(prompt)
         handoff = None
         role = "decode" if self.disaggregated else "worker"
-        inst = self._choose(role, route, session)
-        uncached = self._uncached_blocks(role, route, inst)
+        choice = self.router.choose(role, route, session)
         # a decode instance that pulls its KV never computes the prompt: prompt logprobs need it local
-        if self.disaggregated and params.prompt_logprobs is None and self._remote_prefill_pays(route, inst, uncached):
+        if self.disaggregated and params.prompt_logprobs is None and self._remote_prefill_pays(route, choice):
             handoff = await self._prefill(req_id, prompt, params, route)
-            if not inst.up:   # it died while the prefill leg ran: another one pulls the KV
-                inst = self._choose(role, route, session)
-                uncached = self._uncached_blocks(role, route, inst)
-        if handoff is not None:
-            uncached = 0     # the decode instance only pulls KV; it computes nothing
-        leg = self._submit(inst, req_id, route, params, handoff, interval, uncached)
+            if not choice.instance.up:   # it died while the prefill leg ran: another one pulls the KV
+                choice = self.router.choose(role, route, session)
+        leg = self._submit(choice, req_id, route, params, handoff, interval)
         return RequestStream(self, req_id, prompt, params, session, interval, role, leg)
 
     def release(self, stream: RequestStream) -> None:
@@ -141,9 +135,9 @@ class Orchestrator:
             log.warning("request %s lost instance %d after %d tokens; not migrated (%d migrations, limit %d)",
                         stream.req_id, lost, n_out, stream.migrations, self.migration_limit)
             return False
-        route = Route(stream.prompt + stream.generated, self._hasher())
+        route = self.router.route(stream.prompt + stream.generated)
         try:
-            inst = self._choose(stream.role, route, stream.session)
+            choice = self.router.choose(stream.role, route, stream.session)
         except NoInstanceError:
             log.warning("request %s lost instance %d after %d tokens; no %s instance is left to take it",
                         stream.req_id, lost, n_out, stream.role)
@@ -153,51 +147,29 @@ class Orchestrator:
         # the answer has the first leg's prompt logprobs; the new leg's prompt is not the client's
         leg_params = msgspec.structs.replace(params, max_tokens=params.max_tokens - n_out,
                                              min_tokens=max(0, params.min_tokens - n_out), prompt_logprobs=None)
-        stream.leg = self._submit(inst, f"{stream.req_id}-m{stream.migrations}", route, leg_params, None,
-                                  stream.interval, self._uncached_blocks(stream.role, route, inst))
+        stream.leg = self._submit(choice, f"{stream.req_id}-m{stream.migrations}", route, leg_params, None,
+                                  stream.interval)
         stream.leg.attach(stream._feed)
         self.metrics.migrations.inc()
         log.info("request %s lost instance %d after %d tokens; continued on instance %d", stream.req_id,
-                 lost, n_out, inst.index)
+                 lost, n_out, choice.instance.index)
         return True
 
-    def _hasher(self) -> PrefixHasher | None:
-        declared, hasher = self.client.prefix_hasher()
-        return hasher if declared else self.hasher
-
-    def _submit(self, inst: Instance, req_id: str, route: Route, params: P.SamplingParams,
-                handoff: dict | None, interval: int, uncached: int) -> DeltaStream:
+    def _submit(self, choice: Choice, req_id: str, route: Route, params: P.SamplingParams,
+                handoff: dict | None, interval: int) -> DeltaStream:
+        inst = choice.instance
         bs = inst.block_size
         phase = P.AGGREGATED if handoff is None else P.DECODE_WITH_HANDOFF
+        # with a handoff the instance only pulls the prompt's KV: it computes none of it
+        uncached = _uncached_blocks(route, choice) if handoff is None else 0
         return self.client.submit(inst, req_id, route.prompt_token_ids, params, phase, handoff, interval,
                                   prefill_blocks=uncached, held_blocks=route.prompt_blocks(bs),
                                   held_hashes=route.known_hashes(bs))
 
-    def _choose(self, role: str, route: Route, session: bytes | None) -> Instance:
-        if session is None:
-            return self.client.choose(role, route)
-        sessions = self.sessions
-        inst = sessions.pop(session, None)
-        if inst is None or not inst.up:
-            inst = self.client.choose(role, route)
-        sessions[session] = inst           # most recently used last
-        if len(sessions) > MAX_SESSIONS:
-            del sessions[next(iter(sessions))]
-        return inst
-
-    def _uncached_blocks(self, role: str, route: Route, inst: Instance) -> int:
-        """Prompt blocks `inst` would have to compute itself: by the overlap its policy found, or
-        for a decode instance (chosen by load) by the fleet KV index."""
-        blocks = route.prompt_blocks(inst.block_size)
-        if role != "decode":
-            return blocks - route.overlap_blocks
-        if self.kv_index is None or not inst.block_size:
-            return blocks
-        return blocks - self.kv_index.overlap(route.hashes(inst.block_size), [inst.index])[inst.index]
-
-    def _remote_prefill_pays(self, route: Route, decode: Instance, uncached_blocks: int) -> bool:
+    def _remote_prefill_pays(self, route: Route, decode: Choice) -> bool:
         tokens = len(route.prompt_token_ids)
-        uncached = min(tokens, uncached_blocks * decode.block_size) if decode.block_size else tokens
+        bs = decode.instance.block_size
+        uncached = min(tokens, _uncached_blocks(route, decode) * bs) if bs else tokens
         if uncached < self.disagg.min_uncached_tokens:
             reason = "local_below_min_tokens"
         elif uncached < self.disagg.min_uncached_fraction * tokens:
@@ -214,17 +186,17 @@ class Orchestrator:
                        route: Route) -> dict | None:
         """Run the prefill leg; the decode leg's handoff, or None to prefill locally."""
         try:
-            inst = self.client.choose("prefill", route)
+            choice = self.router.choose("prefill", route)
         except NoInstanceError:
             self.metrics.disagg.labels("fallback_no_prefill_instance").inc()
             return None
+        inst = choice.instance
         leg = msgspec.structs.replace(params, max_tokens=1, min_tokens=0)
-        uncached = route.prompt_blocks(inst.block_size) - route.overlap_blocks
         stream = self.client.submit(inst, f"{req_id}-prefill", prompt, leg, P.PREFILL_ONLY,
-                                    prefill_blocks=uncached)
+                                    prefill_blocks=_uncached_blocks(route, choice))
         last = None
         try:
-            async with asyncio.timeout(self.prefill_timeout_s):
+            async with asyncio.timeout(self.disagg.prefill_timeout_s):
                 async for last in stream:
                     pass
         except TimeoutError:
@@ -240,3 +212,8 @@ class Orchestrator:
             return None
         self.metrics.disagg.labels("remote_prefill").inc()
         return last.handoff
+
+
+def _uncached_blocks(route: Route, choice: Choice) -> int:
+    """Prompt blocks the chosen instance would have to compute itself."""
+    return route.prompt_blocks(choice.instance.block_size) - choice.overlap_blocks

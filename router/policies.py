@@ -1,8 +1,9 @@
 """Routing policies: pick one engine instance of a pool for a request.
 
 A policy sees the live instances of one pool and the request's Route (prompt tokens, and block
-hashes computed on first use). `kv` also asks the fleet KV index how much of the prompt each
-instance already caches.
+hashes computed on first use), and returns its Choice: the instance, and how much of the prompt
+that instance caches as far as the policy looked. `kv` asks the fleet KV index for that.
+The Router (router/routing.py) holds one policy per pool; bench/fleet_sim.py drives them directly.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from slurmserve.kvfabric.block_hash import BlockHasher, event_hash
@@ -18,6 +19,8 @@ from slurmserve.kvfabric.kv_index import ApproxKVIndex
 
 
 class Candidate(Protocol):
+    """What a policy reads of an instance: at the head an Instance (router/instance.py), whose
+    load ledger (HeadLoad) gives the block counts."""
     index: int
     inflight: int               # requests the head has sent and not yet seen finish
     running: int                # from the last heartbeat
@@ -31,61 +34,12 @@ class Candidate(Protocol):
     held_hashes: dict[int, int]  # the hashes of those blocks -> requests holding each
 
 
-class LoadShare(Protocol):
-    """One request's share of an instance's HeadLoad (a DeltaStream at the head)."""
-    prefill_blocks: int                # uncached prompt blocks, pending until its first token
-    held_blocks: int                   # KV blocks held until it ends
-    held_hashes: list[int] | None      # the hashes of those blocks that are full, if known
-
-
-@dataclass(eq=False, kw_only=True)
-class HeadLoad:
-    """The head's own load account of an instance between heartbeats (see Orchestrator): KV blocks
-    still to prefill, and KV blocks held, by requests routed there. A request's share goes in with
-    `add`, its prefill leaves with `prefilled` at its first token, and the rest with `remove`."""
-
-    prefill_blocks: int = 0
-    decode_blocks: int = 0
-    # Prompt blocks (by hash) of requests in flight there -> how many of them hold it: requests
-    # that share a prefix share its KV, so decode_blocks counts such a block once.
-    held_hashes: dict[int, int] = field(default_factory=dict)
-
-    def add(self, share: LoadShare) -> None:
-        """Count a request routed here: its prefill as pending, its blocks as held, except those
-        among its full blocks' hashes that another request here holds already."""
-        self.prefill_blocks += share.prefill_blocks
-        blocks = share.held_blocks
-        if share.held_hashes:
-            held = self.held_hashes
-            for h in share.held_hashes:
-                n = held.get(h, 0)
-                held[h] = n + 1
-                if n:
-                    blocks -= 1
-        self.decode_blocks += blocks
-
-    def prefilled(self, share: LoadShare) -> None:
-        """The request's first token: its prefill is no longer pending."""
-        self.prefill_blocks -= share.prefill_blocks
-        share.prefill_blocks = 0
-
-    def remove(self, share: LoadShare) -> None:
-        """Undo what is left of `add` for a request that ended, once (the share is emptied): blocks
-        another request here still holds stay counted."""
-        self.prefill_blocks -= share.prefill_blocks
-        blocks = share.held_blocks
-        if share.held_hashes:
-            held = self.held_hashes
-            for h in share.held_hashes:
-                n = held[h]
-                if n > 1:
-                    held[h] = n - 1
-                    blocks -= 1
-                else:
-                    del held[h]
-        self.decode_blocks -= blocks
-        share.prefill_blocks = share.held_blocks = 0
-        share.held_hashes = None
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The instance chosen for a request, and how many of the prompt's leading blocks it caches
+    already (0: none, or the policy did not look)."""
+    instance: Candidate
+    overlap_blocks: int = 0
 
 
 class Route:
@@ -93,13 +47,12 @@ class Route:
     match the engines' KV events) are computed once, and only if a policy or the disaggregation
     decision needs them."""
 
-    __slots__ = ("prompt_token_ids", "_hasher", "_hashes", "overlap_blocks", "block_size")
+    __slots__ = ("prompt_token_ids", "_hasher", "_hashes", "block_size")
 
     def __init__(self, prompt_token_ids: list[int], hasher: PrefixHasher | None = None):
         self.prompt_token_ids = prompt_token_ids
         self._hasher = hasher
         self._hashes: list[int] | None = None
-        self.overlap_blocks = 0        # cached leading blocks on the instance chosen last
         self.block_size = 0
 
     def hashes(self, block_size: int) -> list[int]:
@@ -130,25 +83,34 @@ class PrefixHasher:
         return [event_hash(d) for d in hasher.chain(token_ids)]
 
 
-class Policy(Protocol):
-    def choose(self, candidates: Sequence[Candidate], route: Route) -> Candidate: ...
+class Policy:
+    """One pool's policy. `choice` picks one of the pool's live candidates for a request and says
+    what it found cached there; `choose` is that candidate alone, for callers that need no more."""
+
+    def choice(self, candidates: Sequence[Candidate], route: Route) -> Choice:
+        raise NotImplementedError
+
+    def choose(self, candidates: Sequence[Candidate], route: Route) -> Candidate:
+        return self.choice(candidates, route).instance
 
 
-class RoundRobin:
+class RoundRobin(Policy):
+    """Each live candidate in turn."""
+
     def __init__(self) -> None:
         self._next = 0
 
-    def choose(self, candidates, route):
+    def choice(self, candidates, route):
         chosen = candidates[self._next % len(candidates)]
         self._next += 1
-        return chosen
+        return Choice(chosen)
 
 
-class LeastLoaded:
+class LeastLoaded(Policy):
     """Fewest outstanding requests by the head's own count (fresh) with heartbeat load as the tie-break."""
 
-    def choose(self, candidates, route):
-        return min(candidates, key=lambda c: (c.inflight, c.waiting, c.kv_usage, c.index))
+    def choice(self, candidates, route):
+        return Choice(min(candidates, key=lambda c: (c.inflight, c.waiting, c.kv_usage, c.index)))
 
 
 def kv_usage_estimate(c: Candidate) -> float:
@@ -158,7 +120,7 @@ def kv_usage_estimate(c: Candidate) -> float:
     return max(c.kv_usage, routed)
 
 
-class KVAware:
+class KVAware(Policy):
     """Lowest cost wins, where for each instance
 
         cost = prefill_load_scale * max(prefill_blocks + prompt_blocks - overlap_blocks, 0)
@@ -186,11 +148,11 @@ class KVAware:
         self._rng = random.Random(seed)
         self._turn = 0
 
-    def choose(self, candidates, route):
+    def choice(self, candidates, route):
         free = [c for c in candidates if kv_usage_estimate(c) < self.busy_threshold] or list(candidates)
         bs = free[0].block_size
         if not bs:   # no heartbeat has told us the block size yet
-            return min(free, key=lambda c: (c.inflight, c.index))
+            return Choice(min(free, key=lambda c: (c.inflight, c.index)))
         hashes = route.hashes(bs)
         prompt_blocks = route.prompt_blocks(bs)
         indexes = [c.index for c in free]
@@ -203,9 +165,8 @@ class KVAware:
         costs = [scale * max(c.prefill_blocks + prompt_blocks - overlap[c.index], 0)
                  + c.decode_blocks + prompt_blocks - _leading(hashes, c.held_hashes) for c in free]
         chosen = free[self._pick(costs)]
-        route.overlap_blocks = overlap[chosen.index]
         (self.index if self.record_decisions else self.in_flight).record(chosen.index, hashes)
-        return chosen
+        return Choice(chosen, overlap[chosen.index])
 
     def _pick(self, costs: list[float]) -> int:
         low = min(costs)

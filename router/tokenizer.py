@@ -247,8 +247,24 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
         else:
             raise ValueError(f"messages[{i}].content must be a string or a list of content parts, "
                              f"got {type(content).__name__}")
-        out.append({**m, "content": text})
+        msg = {**m, "content": text}
+        if isinstance(m.get("tool_calls"), list):
+            msg["tool_calls"] = [_tool_call_for_template(c) for c in m["tool_calls"]]
+        out.append(msg)
     return out
+
+
+def _tool_call_for_template(call: Any) -> Any:
+    """An assistant message's tool call with its JSON `arguments` string as an object: chat
+    templates write `arguments | tojson` or iterate over them (vLLM hands them over the same way)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        args = json.loads(fn["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**fn, "arguments": args}}
 
 
 class IncrementalDetokenizer:

@@ -190,6 +190,12 @@ class RouterConfig(_Strict):
         1, ge=1, description="vLLM's --stream-interval: a streamed response gets its first token at "
                              "once, then a chunk per this many tokens (and the last). Larger values "
                              "cost the head less per request at the price of burstier streams.")
+    tool_call_parser: str | None = Field(
+        None, description="vLLM's tool-call parser for this model (vllm serve --tool-call-parser: "
+                          "hermes, llama3_json, mistral, pythonic, ...). Set, a chat request's tools "
+                          "default to tool_choice \"auto\" and calls are read from the model's text; "
+                          "the head then imports vLLM. Unset, \"required\" and named functions "
+                          "still work (constrained JSON).")
     migration_limit: int = Field(
         3, ge=0, description="A request whose engine instance dies or hangs mid-request continues on "
                              "another instance of its pool (prompt + the tokens already generated), "

@@ -13,11 +13,12 @@ from slurmserve.config import DeploymentConfig
 from slurmserve.kvfabric.block_hash import BlockHasher, event_hash
 from slurmserve.kvfabric.events import BlockStored
 from slurmserve.tools.local_deployment import LocalDeployment
-from slurmserve.router.engine_client import EngineClient, Instance
+from slurmserve.router.engine_client import EngineClient
+from slurmserve.router.instance import Instance
 from slurmserve.router.kv_state import KVState
 from slurmserve.router.metrics import HeadMetrics
-from slurmserve.router.orchestrator import Orchestrator
-from slurmserve.router.policies import PrefixHasher, Route, make_policies
+from slurmserve.router.policies import PrefixHasher, Route
+from slurmserve.router.routing import Router
 from slurmserve.runtime import protocol as P
 from slurmserve.runtime.engine import EngineContext, EngineRequest
 from slurmserve.runtime.sim_engine import SimEngine
@@ -97,7 +98,7 @@ def _client(n=2):
     sock = zctx.socket(zmq.ROUTER)
     insts = [Instance(index=i, role="worker", identity=f"instance-{i}".encode(), address="127.0.0.1")
              for i in range(n)]
-    client = EngineClient(sock, insts, make_policies("round_robin", {"worker"}), HeadMetrics(MODEL), 2.0)
+    client = EngineClient(sock, insts, HeadMetrics(MODEL), 2.0)
     return client, insts, sock
 
 
@@ -106,17 +107,17 @@ def test_head_hashes_prompts_with_the_declared_scheme():
     declared = []
     client.on_instance_declared = lambda i, info: declared.append((i, info.kind))
     try:
-        assert client.prefix_hasher() == (False, None)
+        assert Router(insts, {}).prefix_hasher() is None
         fallback = PrefixHasher()
-        orch = Orchestrator(client, client.metrics, False, hasher=fallback)
-        assert orch._hasher() is fallback          # until an instance has declared
+        router = Router(insts, {}, hasher=fallback)
+        assert router.prefix_hasher() is fallback          # until an instance has declared
         info = P.EngineInfo(kind="x", block_size=4, num_kv_blocks=10, max_num_seqs=3, prefix_caching=True,
                             hash_algo="sha256", hash_seed="42")
         client._heartbeat(insts[0], P.Heartbeat(0, P.Load(block_size=4), ready=True, info=info))
         client._heartbeat(insts[1], P.Heartbeat(1, P.Load(block_size=4), ready=True, info=info))
         assert declared == [(0, "x"), (1, "x")] and insts[0].info == info
-        ok, hasher = client.prefix_hasher()
-        assert ok and hasher is orch._hasher() and client.prefix_hasher()[1] is hasher   # one per scheme
+        hasher = router.prefix_hasher()
+        assert hasher is not fallback and router.prefix_hasher() is hasher   # one per scheme
         prompt = list(range(9))
         want = [event_hash(d) for d in BlockHasher(4, "42", "sha256").chain(prompt)]
         assert Route(prompt, hasher).hashes(4) == want
@@ -126,8 +127,8 @@ def test_head_hashes_prompts_with_the_declared_scheme():
         for inst in insts:
             inst.info = None
         client._heartbeat(insts[0], P.Heartbeat(0, P.Load(), info=P.EngineInfo(kind="y", block_size=4)))
-        assert client.prefix_hasher() == (True, None)
-        assert Route(prompt, orch._hasher()).hashes(4) == []
+        assert router.prefix_hasher() is None
+        assert router.route(prompt).hashes(4) == []
     finally:
         sock.close(0)
         sock.context.term()

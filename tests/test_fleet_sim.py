@@ -115,7 +115,7 @@ def test_kv_policy_routes_by_the_engines_own_kv_events():
     for eng in kv_fleet.pools["worker"]:
         assert eng.prefill_blocks == eng.decode_blocks == 0 and not eng.held_hashes   # all released
         # the index holds exactly what the engine's prefix cache holds
-        assert kv_fleet.index.blocks(eng.index) == len(eng.engine._cache)
+        assert kv_fleet.index.blocks(eng.index) == eng.scheduler.blocks.num_cached
 
 
 def test_bench_routing_cli_writes_the_study(tmp_path):

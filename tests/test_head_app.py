@@ -1,5 +1,5 @@
 """The OpenAI API's rules, checked in-process (issue 23, item 6): a real HeadApp with the real
-tokenizer, an Orchestrator over a real EngineClient and ZeroMQ socket, and the answer caught in a
+tokenizer, an Orchestrator over a real Router, EngineClient and ZeroMQ socket, and the answer caught in a
 BufferedResponse. No deployment starts, so each rule costs milliseconds; the end-to-end tests in
 test_serve_sim.py keep checking the same rules through the openai client."""
 
@@ -12,12 +12,14 @@ import msgspec
 import pytest
 import zmq
 
-from slurmserve.router.engine_client import EngineClient, Instance
+from slurmserve.router.engine_client import EngineClient
 from slurmserve.router.http_app import HeadApp
 from slurmserve.router.http_server import BufferedResponse, Request
+from slurmserve.router.instance import Instance
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.orchestrator import Orchestrator
 from slurmserve.router.policies import make_policies
+from slurmserve.router.routing import Router
 from slurmserve.router.tokenizer import Tokenizer
 
 MODEL = "tiny-llama"
@@ -32,8 +34,9 @@ def app(tiny_model_dir):
     sock = zctx.socket(zmq.ROUTER)
     metrics = HeadMetrics(MODEL)
     instance = Instance(index=0, role="worker", identity=b"instance-0", address="127.0.0.1")
-    client = EngineClient(sock, [instance], make_policies("round_robin", {"worker"}), metrics, 2.0)
-    head = HeadApp(orchestrator=Orchestrator(client, metrics, disaggregated=False),
+    client = EngineClient(sock, [instance], metrics, 2.0)
+    router = Router([instance], make_policies("round_robin", {"worker"}))
+    head = HeadApp(orchestrator=Orchestrator(client, router, metrics, disaggregated=False),
                    tokenizer=Tokenizer(tiny_model_dir), metrics=metrics, model_name=MODEL,
                    max_model_len=512, api_key=KEY, max_concurrent=8)
     yield head
@@ -82,7 +85,7 @@ def test_routes_methods_and_the_key(app):
     ("/v1/completions", completion(prompt=[600, 601]), "prompt"),          # outside the vocabulary
     ("/v1/completions", completion(logit_bias={"5": 101}), "logit_bias"),
     ("/v1/chat/completions", chat(top_logprobs=3), "top_logprobs"),        # without logprobs
-    ("/v1/chat/completions", chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    ("/v1/completions", completion(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     ("/v1/chat/completions", chat(messages=[]), "messages"),
 ])
 def test_bad_requests_are_openai_400s_naming_the_parameter(app, path, body, param):

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from slurmserve.kvfabric.block_hash import DEFAULT_HASH_SEED, block_digests, block_hashes
 from slurmserve.kvfabric.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSubscriber
 from slurmserve.kvfabric.kv_index import ApproxKVIndex, KVIndex
-from slurmserve.router.engine_client import EngineClient, Instance
+from slurmserve.router.engine_client import EngineClient
 from slurmserve.router.head import Head
+from slurmserve.router.instance import Instance
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.policies import KVAware, PrefixHasher, Route
 from slurmserve.runtime import protocol as P
@@ -140,20 +141,19 @@ def test_kv_policy_trades_overlap_against_load():
     a, b = Inst(0), Inst(1)
 
     def choose():   # a fresh policy each time: no memory of the previous decision
-        route = Route(prompt, PrefixHasher())
-        return KVAware(idx, prefill_load_scale=1.0).choose([a, b], route), route
+        return KVAware(idx, prefill_load_scale=1.0).choice([a, b], Route(prompt, PrefixHasher()))
 
-    chosen, route = choose()
-    assert chosen is b and route.overlap_blocks == 12
+    choice = choose()
+    assert choice.instance is b and choice.overlap_blocks == 12
     # b is busy prefilling: 12 cached blocks no longer outweigh its queue
     b.prefill_blocks = 30
-    assert choose()[0] is a
+    assert choose().instance is a
     # b's KV is nearly full: it is passed over whatever it caches
     b.prefill_blocks, b.kv_usage = 0, 0.97
-    assert choose()[0] is a
+    assert choose().instance is a
     # ...unless everyone is
     a.kv_usage = 0.99
-    assert choose()[0] is b
+    assert choose().instance is b
 
 
 def test_kv_policy_counts_a_prefix_already_held_there_once():
@@ -179,7 +179,7 @@ def with_client(body) -> None:
 
     async def main():
         inst = Instance(index=0, role="worker", identity=b"w0", address="127.0.0.1", up=True)
-        client = EngineClient(sock, [inst], {}, HeadMetrics("m"), heartbeat_timeout_s=60.0)
+        client = EngineClient(sock, [inst], HeadMetrics("m"), heartbeat_timeout_s=60.0)
         client.start()
         try:
             body(client, inst)

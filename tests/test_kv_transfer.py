@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import zmq
 
-from slurmserve.kvfabric.kv_transfer import KVTransferError, create_kv_transfer, fill_kv, kv_matches
+from slurmserve.kvfabric.kv_transfer import KVTransferError, create_kv_transfer
 from slurmserve.runtime.engine import EngineRequest
 from slurmserve.runtime.protocol import SamplingParams
+from slurmserve.runtime.sim.kv_bytes import fill_kv, kv_matches
 
 SPAWN = mp.get_context("spawn")    # NIXL/UCX state must not be forked
 BS = 16                            # tokens per block

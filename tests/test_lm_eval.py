@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 import vllm_cpu
-from slurmserve.tools.local_deployment import LocalDeployment
 from test_serve_vllm import MODEL, vllm_config
 
 pytestmark = pytest.mark.vllm
@@ -78,20 +77,9 @@ def _run(script: str, *args: str) -> object:
 @pytest.fixture(scope="module")
 def dep(tiny_model_dir, tmp_path_factory):
     cfg = vllm_config(tiny_model_dir, workers=1)
-    # A random tiny model pads structured JSON with whitespace for ever; vLLM's engine-wide option
-    # (engine.args, as `vllm serve --structured-outputs-config`) keeps it compact.
-    cfg["engine"]["args"] = dict(cfg["engine"]["args"], structured_outputs_config={
-        "backend": "xgrammar", "disable_any_whitespace": True})
-    with vllm_cpu.cpu_env():
-        d = LocalDeployment(tmp_path_factory.mktemp("vllm-eval"), cfg)
-        try:
-            d.start(timeout=240)
-            yield d
-        finally:
-            try:
-                d.stop()
-            finally:
-                d.kill()
+    cfg["engine"]["args"] = dict(cfg["engine"]["args"], **vllm_cpu.COMPACT_JSON)
+    with vllm_cpu.deployment(cfg, tmp_path_factory.mktemp("vllm-eval")) as d:
+        yield d
 
 
 def _engine_args() -> str:

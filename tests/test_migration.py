@@ -23,11 +23,13 @@ import zmq
 from slurmserve.config import DeploymentConfig
 from slurmserve.tools.local_deployment import LocalDeployment
 from slurmserve.tools.local_deployment import metric_value as metric
-from slurmserve.router.engine_client import EngineClient, Instance
+from slurmserve.router.engine_client import EngineClient
 from slurmserve.router.head import Head
+from slurmserve.router.instance import Instance
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.orchestrator import Orchestrator
 from slurmserve.router.policies import make_policies
+from slurmserve.router.routing import Router
 from slurmserve.router.tokenizer import Tokenizer
 from slurmserve.runtime import protocol as P
 
@@ -282,9 +284,9 @@ def test_migrated_leg_continues_the_prompt_within_the_budget(limit):
              for i in (0, 1)]
 
     async def main():
-        client = EngineClient(sock, insts, make_policies("round_robin", {"worker"}), metrics,
-                              heartbeat_timeout_s=0.5)
-        orch = Orchestrator(client, metrics, disaggregated=False, migration_limit=limit)
+        client = EngineClient(sock, insts, metrics, heartbeat_timeout_s=0.5)
+        router = Router(insts, make_policies("round_robin", {"worker"}))
+        orch = Orchestrator(client, router, metrics, disaggregated=False, migration_limit=limit)
         client.start()
         await until(lambda: all(i.up for i in insts), "both instances up")
         params = P.SamplingParams(max_tokens=10, min_tokens=5, seed=42, temperature=0.0)
@@ -328,7 +330,7 @@ def test_head_loop_stall_drops_no_instance():
     inst = Instance(index=0, role="worker", identity=IDENTITY, address="127.0.0.1")
 
     async def main():
-        client = EngineClient(sock, [inst], {}, metrics, heartbeat_timeout_s=0.5)   # ticks every 0.125 s
+        client = EngineClient(sock, [inst], metrics, heartbeat_timeout_s=0.5)   # ticks every 0.125 s
         client.start()
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + 10

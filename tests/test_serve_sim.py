@@ -99,12 +99,18 @@ def test_penalties_are_accepted_and_unsupported_options_refused(agg):
         assert e.value.body["param"] == param, (kw, e.value.body)
     msgs = [{"role": "user", "content": "hi"}]
     for kw, param in ((dict(response_format={"type": "json_object"}), "response_format"),
-                      (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools")):
+                      # a forced tool choice constrains the output, which the sim cannot
+                      (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                            tool_choice="required"), "tool_choice")):
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, **kw)
         assert e.value.body["param"] == param
     ok = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, response_format={"type": "text"})
     assert ok.choices[0].message.content is not None
+    # tools without a parser (router.tool_call_parser): the template gets them, the answer is text
+    ok = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4,
+                                   tools=[{"type": "function", "function": {"name": "f"}}])
+    assert ok.choices[0].message.content and ok.choices[0].message.tool_calls is None
 
 
 def test_logprobs_whole_streamed_and_echoed(agg, tiny_model_dir):

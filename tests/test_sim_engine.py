@@ -181,7 +181,7 @@ def test_sim_seed_changes_outputs(model_dir):
 def test_eos_min_tokens_and_stop_ids(model_dir):
     async def main():
         e = make_engine(model_dir)
-        e._eos_threshold = 65536 // 4          # EOS with probability 1/4 per token
+        e.sampler.eos_threshold = 65536 // 4          # EOS with probability 1/4 per token
         await e.start()
         try:
             stopped = 0
@@ -214,7 +214,7 @@ def test_eos_min_tokens_and_stop_ids(model_dir):
 
 def test_missing_model_dir(tmp_path):
     e = make_engine(tmp_path / "nope")
-    assert e.vocab_size == 32000 and e.eos_token_id is None
+    assert e.sampler.vocab_size == 32000 and e.sampler.eos_token_id is None
 
 
 # ---- prefix cache and KV events -----------------------------------------------------------------
@@ -460,9 +460,9 @@ def test_step_time_model(model_dir):
     async def main():
         # one 100-token prefill step, then 19 decode steps, twice as fast as modelled
         e = make_engine(model_dir, speedup=2.0)
-        a, b, c = e.prefill_coeffs
+        a, b, c = e.scheduler.prefill_coeffs
         total_ms = a * 100 ** 2 + b * 100 + c
-        da, db, dc = e.decode_coeffs
+        da, db, dc = e.scheduler.decode_coeffs
         for k in range(1, 20):                # decode step k computes token 100 + k - 1
             u = -(-(100 + k) // 16) / 256
             total_ms += max(1.0, da * u * u + db * u + dc)

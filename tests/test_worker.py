@@ -9,8 +9,9 @@ import time
 
 import zmq
 
-from slurmserve.router.engine_client import EngineClient, Instance
+from slurmserve.router.engine_client import EngineClient
 from slurmserve.router.head import Head
+from slurmserve.router.instance import Instance
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.runtime import protocol as P
 from slurmserve.runtime.engine import EngineRequest
@@ -154,7 +155,7 @@ def test_the_head_confirms_each_full_window_once_it_has_read_it():
 
     async def main():
         inst = Instance(index=0, role="worker", identity=IDENTITY, address="127.0.0.1")
-        client = EngineClient(sock, [inst], {}, HeadMetrics("m"), heartbeat_timeout_s=60.0)
+        client = EngineClient(sock, [inst], HeadMetrics("m"), heartbeat_timeout_s=60.0)
         client.start()
         loop = asyncio.get_running_loop()
         step = P.encode(P.StepOutputs([P.Delta("r", [7])]))

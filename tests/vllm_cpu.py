@@ -35,6 +35,28 @@ _OFFLINE = textwrap.dedent("""
 """)
 
 
+# A random tiny model pads structured JSON with whitespace for ever; vLLM's engine-wide option
+# (engine.args, as `vllm serve --structured-outputs-config`) keeps it compact.
+COMPACT_JSON = {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
+
+
+@contextlib.contextmanager
+def deployment(cfg: dict, workdir, timeout: float = 240):
+    """A started LocalDeployment of `cfg` under vLLM's CPU settings; stopped (killed if need be) after."""
+    from slurmserve.tools.local_deployment import LocalDeployment
+
+    with cpu_env():
+        d = LocalDeployment(workdir, cfg)
+        try:
+            d.start(timeout=timeout)
+            yield d
+        finally:
+            try:
+                d.stop()
+            finally:
+                d.kill()
+
+
 @contextlib.contextmanager
 def cpu_env():
     saved = dict(os.environ)
