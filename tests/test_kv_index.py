@@ -252,3 +252,43 @@ def test_kv_policy_temperature_spreads_ties_and_approximate_mode_records():
     first = cold.choose(insts, Route(prompt, PrefixHasher())).index
     insts[first].decode_blocks = 10        # even with some load there
     assert cold.choose(insts, Route(prompt, PrefixHasher())).index == first
+
+
+def test_router_owns_the_decision_sessions_and_the_decode_overlap():
+    """The Router: a pool's policy picks among its live instances and says what the pick caches; a
+    session sticks to its instance while that lives; a decode instance's overlap comes from the
+    fleet KV index (its policy looks at load alone); an empty pool is NoInstanceError."""
+    import pytest
+
+    from slurmserve.config import KVRoutingConfig
+    from slurmserve.router.instance import NoInstanceError
+    from slurmserve.router.policies import make_policies
+    from slurmserve.router.routing import Router
+
+    def inst(i: int, role: str) -> Instance:
+        x = Instance(index=i, role=role, identity=b"i%d" % i, address="127.0.0.1", up=True)
+        x.num_kv_blocks, x.block_size = 1000, BS
+        return x
+
+    idx = KVIndex()
+    prompt = list(range(64))                      # 16 blocks
+    prefill, cached, decode = inst(0, "prefill"), inst(1, "prefill"), inst(2, "decode")
+    idx.apply(1, [stored(block_hashes(prompt, BS)[:12])])
+    idx.apply(2, [stored(block_hashes(prompt, BS)[:5])])
+    router = Router([prefill, cached, decode], make_policies("kv", {"prefill", "decode"}, idx, KVRoutingConfig()),
+                    kv_index=idx, hasher=PrefixHasher())
+    route = router.route(prompt)
+    choice = router.choose("prefill", route)
+    assert choice.instance is cached and choice.overlap_blocks == 12
+    d = router.choose("decode", route)
+    assert d.instance is decode and d.overlap_blocks == 5            # from the index, not the policy
+    # a session sticks to its first instance, whatever the policy would pick now
+    cached.prefill_blocks = 10_000
+    assert router.choose("prefill", route, session=b"s").instance is prefill
+    cached.prefill_blocks = 0
+    assert router.choose("prefill", route, session=b"s").instance is prefill
+    prefill.up = False                            # ... while it lives
+    assert router.choose("prefill", route, session=b"s").instance is cached
+    decode.up = False
+    with pytest.raises(NoInstanceError, match="no decode instance"):
+        router.choose("decode", route)
