@@ -68,6 +68,8 @@ def rank_main(argv: list[str]) -> int:
     ap.add_argument("--result", type=Path, required=True, help="rank 0 writes the timings here")
     ap.add_argument("--chunk-bytes", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--head-rank", action="store_true",
+                    help="rank 0 is a head that loads no weights (alone on its node: --head own-node)")
     a = ap.parse_args(argv)
     t_start = time.time()
     os.environ.setdefault("OMPI_MCA_btl", "self,tcp")   # what runtime/bootstrap.py gives a deployment
@@ -84,7 +86,8 @@ def rank_main(argv: list[str]) -> int:
     t0 = time.monotonic()
     error = None
     try:
-        path = stage_weights(cfg, comm, a.chunk_bytes or CHUNK_BYTES)
+        path = stage_weights(cfg, comm, a.chunk_bytes or CHUNK_BYTES,
+                             needs_weights=not (a.head_rank and comm.Get_rank() == 0))
     except StageError as e:
         path, error = None, str(e)
     seconds = time.monotonic() - t0
@@ -99,8 +102,9 @@ def rank_main(argv: list[str]) -> int:
         except OSError:
             progress = None
         nodes = len({r["host"] for r in ranks})
+        staged = len({r["host"] for r in ranks if not (a.head_rank and r["rank"] == 0)})
         a.result.write_text(json.dumps(dict(
-            mode=resolve_mode(cfg.model.stage, nodes), nodes=nodes, stage_s=max(r["stage_s"] for r in ranks),
+            mode=resolve_mode(cfg.model.stage, staged), nodes=nodes, stage_s=max(r["stage_s"] for r in ranks),
             mpi_init_s=max(r["mpi_init_s"] for r in ranks), progress=progress, ranks=ranks), indent=1) + "\n")
     if error:
         print(f"slurmserve: {error}", file=sys.stderr)
@@ -112,8 +116,9 @@ def rank_main(argv: list[str]) -> int:
 
 def run_step(config: Path, nodes: int, result: Path, ranks_per_node: int = 1, overrides=(),
              chunk_bytes: int | None = None, timeout: float = 900,
-             nodelist: str | None = None) -> tuple[dict, subprocess.CompletedProcess]:
-    """One srun step of the rank driver; (rank 0's result, the finished srun)."""
+             nodelist: str | None = None, head_rank: bool = False) -> tuple[dict, subprocess.CompletedProcess]:
+    """One srun step of the rank driver; (rank 0's result, the finished srun). `head_rank`: rank 0
+    stands for a head alone on the first node (pass ranks_per_node 1), which needs no copy."""
     cmd = ["srun", "--mpi=pmix", f"--nodes={nodes}", f"--ntasks={nodes * ranks_per_node}",
            f"--ntasks-per-node={ranks_per_node}", "--kill-on-bad-exit=1"]
     if nodelist:
@@ -121,6 +126,8 @@ def run_step(config: Path, nodes: int, result: Path, ranks_per_node: int = 1, ov
     cmd += [sys.executable, "-m", "slurmserve.bench.stage_bench", "ranks", str(config), "--result", str(result)]
     if chunk_bytes:
         cmd += ["--chunk-bytes", str(chunk_bytes)]
+    if head_rank:
+        cmd.append("--head-rank")
     for o in overrides:
         cmd += ["--set", o]
     result.unlink(missing_ok=True)

@@ -73,7 +73,7 @@ def run_rank(cfg: DeploymentConfig) -> int:
     try:
         # every rank, together: this node's copy of the model (model.stage), or model.path itself
         name = cfg.model.served_name              # the served name stays the source's
-        cfg.model.path = stage_weights(cfg, world.comm)
+        cfg.model.path = stage_weights(cfg, world.comm, needs_weights=not p.is_head)
         cfg.model.name = name
     except StageError as e:                       # raised alike on every rank
         log.error("%s", e)

@@ -442,16 +442,19 @@ def _copy_all(cfg, group, mode: str, files: list[SourceFile], tmp: Path, progres
         os.fsync(out.fileno())
 
 
-def stage_weights(cfg, comm, chunk_bytes: int = CHUNK_BYTES) -> Path:
+def stage_weights(cfg, comm, chunk_bytes: int = CHUNK_BYTES, needs_weights: bool = True) -> Path:
     """Collective over `comm` (every rank calls it): the model directory this rank loads from.
-    Rank 0 logs progress and writes `<cfg.log_dir>/stage-progress.json`."""
+    A node whose ranks all pass `needs_weights=False` (the head's own node, `--head own-node`: the
+    head reads only the tokenizer and config) gets no copy and loads from model.path. The first
+    staged node's leader logs progress and writes `<cfg.log_dir>/stage-progress.json`."""
     from mpi4py import MPI
 
     rank = comm.Get_rank()
     host = socket.gethostname()
-    hosts = comm.allgather(host)
-    nodes = list(dict.fromkeys(hosts))
-    mode = resolve_mode(cfg.model.stage, len(nodes))
+    placed = comm.allgather((host, needs_weights))
+    nodes = list(dict.fromkeys(h for h, _ in placed))
+    staged_nodes = list(dict.fromkeys(h for h, needs in placed if needs))
+    mode = resolve_mode(cfg.model.stage, len(staged_nodes))
     source = Path(cfg.model.path)
     if mode == "none":
         return source
@@ -469,9 +472,9 @@ def stage_weights(cfg, comm, chunk_bytes: int = CHUNK_BYTES) -> Path:
         raise StageError(error)
 
     node_comm = comm.Split(nodes.index(host), rank)
-    leader = node_comm.Get_rank() == 0
+    leader = node_comm.Get_rank() == 0 and host in staged_nodes
     leaders = comm.Split(0 if leader else MPI.UNDEFINED, rank)
-    result: tuple[str | None, str | None] = (None, None)
+    result: tuple[str | None, str | None] = (str(source), None)    # a node that gets no copy
     progress = None
     if leader:
         try:
@@ -481,8 +484,9 @@ def stage_weights(cfg, comm, chunk_bytes: int = CHUNK_BYTES) -> Path:
             target, error = None, str(e)
         try:
             _agree(leaders, error)
-            if rank == 0:
-                progress = Progress(cfg.log_dir, mode, sum(f.size for f in files), len(files), len(nodes), target)
+            if leaders.Get_rank() == 0:
+                progress = Progress(cfg.log_dir, mode, sum(f.size for f in files), len(files), len(staged_nodes),
+                                    target)
             outcome = _leader_stage(cfg, leaders, mode, files, target, progress, chunk_bytes)
             result = (str(target), None)
             if progress:
@@ -495,6 +499,8 @@ def stage_weights(cfg, comm, chunk_bytes: int = CHUNK_BYTES) -> Path:
         leaders.Free()
     path, error = node_comm.bcast(result, root=0)
     node_comm.Free()
+    if len(staged_nodes) < len(nodes):   # an unstaged node fails with the others, as they do together
+        error = next((e for e in comm.allgather(error) if e), None)
     if error:
         raise StageError(error)
     return Path(path)

@@ -111,7 +111,7 @@ def cluster():
 
 
 def stage(tmp_path: Path, model: Path, mode: str, nodes: int = 2, per_node: int = 2, *overrides: str,
-          stage_dir: str | None = None) -> tuple[dict, subprocess.CompletedProcess]:
+          stage_dir: str | None = None, head_rank: bool = False) -> tuple[dict, subprocess.CompletedProcess]:
     from slurmserve.bench.stage_bench import run_step
     cfg = {"model": {"path": str(model), "name": "tiny", "stage": mode,
                      "stage_dir": stage_dir or str(tmp_path / "nodes" / "$SLURMD_NODENAME")},
@@ -120,7 +120,7 @@ def stage(tmp_path: Path, model: Path, mode: str, nodes: int = 2, per_node: int 
     path.write_text(yaml.safe_dump(cfg))
     # pinned to n1..nN: the tests name nodes, and other jobs may hold some of the cluster
     return run_step(path, nodes, tmp_path / "result.json", per_node, overrides, CHUNK, timeout=120,
-                    nodelist=f"n[1-{nodes}]" if nodes > 1 else "n1")
+                    nodelist=f"n[1-{nodes}]" if nodes > 1 else "n1", head_rank=head_rank)
 
 
 def copies(tmp_path: Path, model: Path) -> dict[str, Path]:
@@ -161,6 +161,25 @@ def test_broadcast_stages_verifies_and_reuses(cluster, tmp_path, model):
     assert sha256(targets["n2"] / "model-00002-of-00003.safetensors") == want["model-00002-of-00003.safetensors"]
     assert (targets["n1"] / MANIFEST).stat().st_mtime_ns == mtimes["n1"]
     assert (targets["n2"] / MANIFEST).stat().st_mtime_ns != mtimes["n2"]
+
+
+@pytest.mark.slurm
+def test_a_head_only_node_gets_no_copy(cluster, tmp_path, model):
+    """With the head alone on the first node (--head own-node), that node is not staged: the head
+    reads the tokenizer from model.path, and the copies go to the engines' nodes only (before: to
+    every node of the job)."""
+    out, r = stage(tmp_path, model, "broadcast", 3, 1, head_rank=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    targets = copies(tmp_path, model)
+    assert sorted(targets) == ["n2", "n3"]
+    paths = {x["host"]: x["path"] for x in out["ranks"]}
+    assert paths == {"n1": str(model), "n2": str(targets["n2"]), "n3": str(targets["n3"])}
+    assert out["progress"]["nodes"] == 2 and out["progress"]["state"] == "done"
+    # two nodes with engines, the head's alone: auto still broadcasts between the two; one: none
+    shutil.rmtree(tmp_path / "nodes")
+    out, r = stage(tmp_path, model, "auto", 2, 1, head_rank=True)
+    assert r.returncode == 0 and out["mode"] == "none", r.stderr[-2000:]
+    assert {x["path"] for x in out["ranks"]} == {str(model)}
 
 
 @pytest.mark.slurm
