@@ -46,8 +46,9 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from slurmserve.runtime.engine import Engine, EngineContext, EngineRequest, InvalidRequest
 from slurmserve.kvfabric.block_hash import resolve_hash_seed
+from slurmserve.runtime import instance_comm
+from slurmserve.runtime.engine import Engine, EngineContext, EngineRequest, InvalidRequest
 from slurmserve.runtime.protocol import Delta, EngineInfo, Load, Logprobs, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,11 @@ _MAX_EARLY_ABORTS = 4096
 # a slow CPU and of no use, and it would push a deployment's shutdown past the launcher's grace.
 ENGINE_CORE_EXIT_TIMEOUT_S = 2.0
 _START_LOCK = threading.Lock()
+# An instance over several nodes (engine.nodes_per_instance): the leader rank runs AsyncLLM with
+# vLLM's multi-node executor (nnodes, node_rank 0); each follower rank runs the workers of its node
+# headless, as `vllm serve --headless --node-rank N` does. They meet at the leader's address.
+MULTINODE_TAG = 7302
+FOLLOWER_ACK_TIMEOUT_S = 10.0
 
 # Runs as `python -c _WATCHDOG FD PID:CREATE_TIME...`: blocks reading FD (a pipe whose only writer is
 # the rank); at EOF it kills the listed processes that are still the same processes, with their children.
@@ -106,6 +112,21 @@ class _compat:
     def engine_args_cls():
         from vllm.engine.arg_utils import AsyncEngineArgs
         return AsyncEngineArgs
+
+    @staticmethod
+    def headless_executor(kwargs: dict[str, Any]):
+        """The workers of a follower node, started (what `vllm serve --headless` runs there)."""
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+        args = _compat.engine_args_cls()(**kwargs)
+        config = args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER, headless=True)
+        return MultiprocExecutor(config, monitor_workers=False)
+
+    @staticmethod
+    def workers_alive(executor) -> bool:
+        procs = [getattr(w, "proc", None) for w in getattr(executor, "workers", ())]
+        return all(p is None or p.is_alive() for p in procs)
 
     @staticmethod
     def request_errors() -> tuple[type[Exception], ...]:
@@ -403,6 +424,12 @@ def engine_kwargs(cfg, ctx: EngineContext) -> dict[str, Any]:
     return kw
 
 
+def multinode_kwargs(nodes: int, node_rank: int, leader_host: str, port: int) -> dict[str, Any]:
+    """AsyncEngineArgs of one node of a multi-node instance (vLLM's multiprocessing executor)."""
+    return {"nnodes": nodes, "node_rank": node_rank, "master_addr": leader_host, "master_port": port,
+            "distributed_executor_backend": "mp"}
+
+
 def engine_env(cfg, ctx: EngineContext, environ: dict[str, str] | None = None) -> dict[str, str]:
     """Variables to put into os.environ before the engine core starts (it inherits them)."""
     env = os.environ if environ is None else environ
@@ -451,10 +478,23 @@ class VllmEngine(Engine):
         self.block_size = 0
         self._counted = False
         self._watchdog: tuple[subprocess.Popen, int] | None = None   # (process, write end of its pipe)
+        self._followers_started = False   # a multi-node instance's leader has started its followers
+
+    def _nodes(self) -> int:
+        comm = self.ctx.comm
+        return comm.Get_size() if comm is not None else 1
 
     async def start(self) -> None:
         kwargs = engine_kwargs(self.cfg, self.ctx)
         env = engine_env(self.cfg, self.ctx)
+        if self._nodes() > 1:
+            # the followers start their workers meanwhile; vLLM's executor waits for them
+            from slurmserve.runtime.bootstrap import free_port
+            port = free_port(self.ctx.host)
+            kwargs.update(multinode_kwargs(self._nodes(), 0, self.ctx.host, port))
+            await asyncio.to_thread(instance_comm.send_to_followers, self.ctx.comm,
+                                    ("start", self.ctx.host, port), MULTINODE_TAG)
+            self._followers_started = True
         if VllmEngine._live == 0:
             VllmEngine._tracker_was_running = _compat.resource_tracker_running()
         VllmEngine._live += 1
@@ -486,6 +526,44 @@ class VllmEngine(Engine):
             # after stop(), and its __del__ would then run at interpreter exit and fail there.
             self.llm = _compat.async_llm_cls().from_engine_args(
                 args_cls(**kwargs), stat_loggers=[_compat.stat_logger_factory(self._sink)])
+
+    def _stop_followers(self) -> None:
+        """The leader's engine has shut down: each follower stops its workers and says so."""
+        comm = self.ctx.comm
+        instance_comm.send_to_followers(comm, ("stop",), MULTINODE_TAG)
+        never = threading.Event()
+        for r in range(1, comm.Get_size()):
+            if instance_comm.recv(comm, r, MULTINODE_TAG, never, FOLLOWER_ACK_TIMEOUT_S) is None:
+                log.warning("follower rank %d of instance %d did not confirm its stop", r, self.ctx.instance)
+
+    async def follow(self) -> int:
+        """A follower rank of a multi-node instance: the workers of this node, headless, from the
+        leader's start until its stop (0), or until a signal or the workers' death (1)."""
+        comm, rank = self.ctx.comm, self.ctx.comm.Get_rank()
+        stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        msg = await asyncio.to_thread(instance_comm.recv, comm, 0, MULTINODE_TAG, stop)
+        if msg is None:
+            return 1
+        _, host, port = msg
+        kwargs = dict(engine_kwargs(self.cfg, self.ctx), **multinode_kwargs(comm.Get_size(), rank, host, port))
+        os.environ.update(engine_env(self.cfg, self.ctx))     # the workers inherit it
+        log.info("instance %d: node rank %d of %d, workers headless, leader at %s:%d", self.ctx.instance,
+                 rank, comm.Get_size(), host, port)
+        executor = await asyncio.to_thread(_compat.headless_executor, kwargs)
+        try:
+            msg = await asyncio.to_thread(instance_comm.recv, comm, 0, MULTINODE_TAG, stop, None,
+                                          lambda: _compat.workers_alive(executor))
+        finally:
+            await asyncio.to_thread(executor.shutdown)
+        if msg is None:
+            log.error("instance %d follower stopped before its leader (%s)", self.ctx.instance,
+                      "a signal" if stop.is_set() else "its workers died")
+            return 1
+        comm.send(("stopped",), dest=0, tag=MULTINODE_TAG)
+        return 0
 
     def _start_watchdog(self) -> None:
         import psutil   # a dependency of vLLM
@@ -549,6 +627,9 @@ class VllmEngine(Engine):
             # vLLM; it goes when the AsyncLLM is collected, and the AsyncLLM sits in reference cycles.
             del llm, handler, procs
             gc.collect()
+        if self._followers_started:
+            self._followers_started = False
+            await asyncio.to_thread(self._stop_followers)
         if self._counted:
             self._counted = False
             VllmEngine._live -= 1

@@ -269,9 +269,13 @@ class DeploymentConfig(_Strict):
             raise ValueError(
                 f"engine.sim holds {sim.num_kv_blocks * sim.block_size} KV tokens, fewer than "
                 f"model.max_model_len={self.model.max_model_len}")
-        if self.engine.kind == "vllm" and self.engine.nodes_per_instance > 1:
-            # vLLM's multi-node executor (nnodes/node_rank, followers headless) is not wired up yet
-            raise ValueError("engine.nodes_per_instance > 1 is not implemented for vllm yet (sim only)")
+        nodes = self.engine.nodes_per_instance
+        if self.engine.kind == "vllm" and nodes > 1:
+            # vLLM's multi-node executor splits the instance's workers evenly over its nodes
+            world = self.engine.tensor_parallel_size * int(self.engine.args.get("pipeline_parallel_size", 1))
+            if world % nodes:
+                raise ValueError(f"engine.nodes_per_instance={nodes} must divide the instance's "
+                                 f"tensor_parallel_size x pipeline_parallel_size = {world}")
         n = len(self.pools.instances())
         if self.runtime.min_instances is not None and self.runtime.min_instances > n:
             raise ValueError(f"runtime.min_instances={self.runtime.min_instances} is more than the "

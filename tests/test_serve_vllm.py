@@ -188,6 +188,32 @@ def test_aggregated_matches_offline_llm(offline, agg_answers, prompts, tok):
         assert (text, n, finish) == (tok.decode(want_ids), len(want_ids), want_finish), kind
 
 
+def test_an_instance_over_two_nodes_matches_offline_llm(cpu_env, offline, prompts, tok, tiny_model_dir,
+                                                        tmp_path_factory):
+    """engine.nodes_per_instance 2 with tensor_parallel_size 2: the instance's leader rank runs
+    vLLM's multi-node executor, its follower rank that node's worker headless (vLLM's --headless).
+    Greedy answers equal the single-process offline ones; the deployment stops cleanly, follower
+    and its worker included (it was refused before)."""
+    cfg = vllm_config(tiny_model_dir, workers=1)
+    cfg["engine"] = dict(cfg["engine"], nodes_per_instance=2, tensor_parallel_size=2)
+    dep = LocalDeployment(tmp_path_factory.mktemp("vllm-tp2"), cfg)
+    try:
+        dep.start(timeout=300)
+        ranks = {pid for pid in dep.pids()                         # `python -m slurmserve run CONFIG`
+                 if psutil.Process(pid).cmdline()[1:4] == ["-m", "slurmserve", "run"]}
+        (follower,) = [psutil.Process(pid) for pid in ranks - {dep.info["pid"], dep.info["instances"][0]["pid"]}]
+        tree = [follower] + follower.children(recursive=True)
+        assert len(tree) > 1, "the follower rank runs its node's worker"
+        c = dep.client(timeout=120)
+        got = [ask(c, kind, prompt) for kind, prompt, _ in prompts]
+    except BaseException:
+        dep.kill()
+        raise
+    _teardown(dep, tree)
+    for (text, n, finish), (want_ids, want_finish) in zip(got, offline.result()[:len(prompts)]):
+        assert (text, n, finish) == (tok.decode(want_ids), len(want_ids), want_finish)
+
+
 def test_penalties_reach_vllm(agg, offline, prompts, tok):
     """presence, frequency and repetition penalties are vLLM's own: the served answer equals vLLM's
     offline one with the same penalties, which is not the plain greedy answer."""

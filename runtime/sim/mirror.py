@@ -15,26 +15,17 @@ import logging
 import queue
 import signal
 import threading
-import time
+
+from slurmserve.runtime.instance_comm import recv
 
 log = logging.getLogger(__name__)
 
 TAG = 7301                 # MPI tag of mirror messages (nothing else uses the instance communicator)
-POLL_S = 0.05              # how often a waiting rank checks for a message or a stop
 FINAL_COUNT_TIMEOUT_S = 5.0
 
 
 def _recv(comm, source: int, stop: threading.Event, timeout_s: float | None = None):
-    """A message from `source`, or None once `stop` is set (or after timeout_s): a blocking recv
-    could not be interrupted by a signal."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while not stop.is_set():
-        if comm.Iprobe(source=source, tag=TAG):
-            return comm.recv(source=source, tag=TAG)
-        if deadline is not None and time.monotonic() > deadline:
-            return None
-        time.sleep(POLL_S)
-    return None
+    return recv(comm, source, TAG, stop, timeout_s)
 
 
 class StepMirror:
