@@ -172,6 +172,8 @@ class Layout:
 
 def plan_layout(cfg: DeploymentConfig, res: Resolved, cluster: ClusterInfo | None = None) -> Layout:
     """Where every rank runs and which GPUs it gets; SlurmError listing every problem otherwise."""
+    if cfg.engine.kind != "trtllm" and cfg.engine.nodes_per_instance > 1:
+        return _plan_spanning(cfg, res, cluster)
     opts = res.opts
     problems: list[str] = []
     warnings: list[str] = []
@@ -275,6 +277,61 @@ def plan_layout(cfg: DeploymentConfig, res: Resolved, cluster: ClusterInfo | Non
     assert len(rank_node) == cfg.world_size
     return Layout(nodes=nodes, rank_node=rank_node, rank_gpus=rank_gpus, rank_roles=rank_roles,
                   rank_instance=rank_instance, gpus_per_node=gpn, warnings=warnings)
+
+
+def _plan_spanning(cfg: DeploymentConfig, res: Resolved, cluster: ClusterInfo | None) -> Layout:
+    """Instances that span nodes (engine.nodes_per_instance N, vLLM and the sim): the engine nodes
+    form groups of N, and rank k of each instance of a group runs on the group's k-th node, with
+    (tensor x pipeline parallel) / N GPUs there. A group holds as many instances as one of its nodes
+    can; the head runs on the first node, or on a node of its own."""
+    opts, eng = res.opts, cfg.engine
+    roles = cfg.pools.instances()
+    n_inst, npi, gpn, cpt = len(roles), eng.nodes_per_instance, res.gpus_per_node, opts.cpus_per_task
+    own = opts.head == "own-node"
+    world = eng.tensor_parallel_size * int(eng.args.get("pipeline_parallel_size", 1))
+    gpr = 0 if gpn == 0 else world // npi                  # GPUs per rank
+    cap = n_inst if opts.instances_per_node is None else opts.instances_per_node
+    problems = []
+    if gpn:
+        if gpn < gpr:
+            problems.append(f"gpus_per_node={gpn} is less than the {gpr} GPUs each node of an instance needs "
+                            f"(tensor x pipeline parallel {world} over nodes_per_instance={npi})")
+        else:
+            cap = min(cap, gpn // gpr)
+    if cluster is not None:
+        cap = min(cap, cluster.cpus_per_node // cpt)
+        if gpn and cluster.gpus_per_node < gpn:
+            problems.append(f"gpus_per_node={gpn}, but nodes in partition {cluster.partition} have "
+                            f"{cluster.gpus_per_node} GPU(s)")
+    if problems:
+        raise SlurmError(_problems(problems))
+    cap = max(cap, 1)
+    groups = -(-n_inst // cap)
+    if opts.nodes is not None:
+        engine_nodes = opts.nodes - (1 if own else 0)
+        if engine_nodes < npi or engine_nodes % npi or engine_nodes // npi > n_inst:
+            raise SlurmError(f"nodes={opts.nodes}: instances of engine.nodes_per_instance={npi} need the engine "
+                             f"nodes{' (all but the head' + chr(39) + 's)' if own else ''} in groups of {npi}, "
+                             f"at most {n_inst} group(s)")
+        if engine_nodes // npi < groups:
+            raise SlurmError(f"{n_inst} instance(s) do not fit on {engine_nodes // npi} group(s) of {npi} "
+                             f"node(s): a node holds at most {cap}")
+        groups = engine_nodes // npi
+    nodes = groups * npi + (1 if own else 0)
+    if cluster is not None and nodes > cluster.nodes:
+        raise SlurmError(f"the deployment needs {nodes} nodes, but partition {cluster.partition} has "
+                         f"{cluster.nodes}")
+    rank_node, rank_gpus, rank_roles, rank_instance = [0], [""], ["head"], [None]
+    for inst in range(n_inst):
+        group, slot = inst % groups, inst // groups        # instances spread over the groups evenly
+        for k in range(npi):
+            rank_node.append((1 if own else 0) + group * npi + k)
+            rank_gpus.append(",".join(str(slot * gpr + g) for g in range(gpr)))
+            rank_roles.append(roles[inst])
+            rank_instance.append(inst)
+    assert len(rank_node) == cfg.world_size
+    return Layout(nodes=nodes, rank_node=rank_node, rank_gpus=rank_gpus, rank_roles=rank_roles,
+                  rank_instance=rank_instance, gpus_per_node=gpn)
 
 
 def _problems(problems: list[str]) -> str:

@@ -183,6 +183,15 @@ def test_layouts(tmp_path, fake_model):
     # CPUs: 4 per node, the head shares the first node
     lay = _layout(tmp_path, fake_model, {}, cluster=ClusterInfo("debug", 4, 4, 0), pools={"workers": 6})
     assert lay.counts == [4, 3]
+    # vLLM TP=4 over nodes_per_instance=2 on 4-GPU nodes: an instance's two ranks on two nodes, two
+    # GPUs each; two instances share the pair of nodes (it was all on one node before)
+    lay = _layout(tmp_path, fake_model, {"gpus_per_node": 4}, kind="vllm", tensor_parallel_size=4,
+                  nodes_per_instance=2, pools={"workers": 2})
+    assert lay.nodes == 2 and lay.rank_node == [0, 0, 1, 0, 1]
+    assert lay.rank_gpus == ["", "0,1", "0,1", "2,3", "2,3"] and lay.rank_instance == [None, 0, 0, 1, 1]
+    lay = _layout(tmp_path, fake_model, {"gpus_per_node": 2, "head": "own-node"}, kind="vllm",
+                  tensor_parallel_size=4, nodes_per_instance=2, pools={"workers": 2})
+    assert lay.nodes == 5 and lay.rank_node == [0, 1, 2, 3, 4] and lay.rank_gpus[1:] == ["0,1"] * 4
 
 
 # ---- validation before sbatch -------------------------------------------------------------------
@@ -748,3 +757,46 @@ def test_submitit_preemption_requeues(cluster, tmp_path, tiny_model_dir):
         msg = dep.stop()
     assert "drained" in msg, msg
     assert_nothing_left(dep.job_id, str(tmp_path / "submitit"))
+
+
+@pytest.mark.slurm
+@pytest.mark.vllm
+def test_vllm_tensor_parallel_across_two_nodes(cluster, tmp_path, tiny_model_dir):
+    """engine.nodes_per_instance 2, tensor_parallel_size 2, on two Slurm nodes: the instance's
+    leader rank (next to the head) and its follower rank (the second node) run vLLM's multi-node
+    executor, and the greedy text equals one process's offline LLM.generate."""
+    import vllm_cpu
+    from test_serve_vllm import vllm_config
+
+    from openai import OpenAI
+
+    from slurmserve.launcher.slurm_cli import connection
+    from slurmserve.router.tokenizer import Tokenizer
+
+    prompt = [(5 * i + 3) % 300 + 10 for i in range(40)]
+    offline = vllm_cpu.Offline(tiny_model_dir, [prompt], max_tokens=12)
+    data = vllm_config(tiny_model_dir, workers=1)
+    data["engine"] = dict(data["engine"], nodes_per_instance=2, tensor_parallel_size=2)
+    data["router"]["host"] = None
+    data["log_dir"] = str(tmp_path / "logs")
+    cfg = write_config(tmp_path, data)
+    env = {**os.environ, **vllm_cpu.CPU_ENV}                # sbatch exports the submitting environment
+    r = cli("submit", str(cfg), "--nodes", "2", "--time", "10", "--partition", cluster, env=env)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    try:
+        r = cli("wait", job, "--timeout", "240")
+        assert r.returncode == 0, r.stderr + cli("logs", job).stdout
+        logs = cli("logs", job, "--rank", "2").stdout
+        assert "follows instance 0 (instance rank 1" in logs and "node rank 1 of 2" in logs, logs[-3000:]
+        url, key = connection(job)
+        got = OpenAI(base_url=url, api_key=key, max_retries=0, timeout=120).completions.create(
+            model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+        (want_ids, want_finish), = offline.result()
+        assert (got.usage.completion_tokens, got.choices[0].finish_reason) == (len(want_ids), want_finish)
+        assert got.choices[0].text == Tokenizer(tiny_model_dir).decode(want_ids)
+    finally:
+        offline.kill()
+        r = cli("stop", job)
+    assert r.returncode == 0, r.stderr
+    assert_nothing_left(job, str(cfg))
