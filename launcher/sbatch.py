@@ -207,9 +207,7 @@ def plan_layout(cfg: DeploymentConfig, res: Resolved, cluster: ClusterInfo | Non
                             f"{cluster.cpus_per_node} CPUs of a node in partition {cluster.partition}")
         elif by_cpu <= cap:
             cap, why = by_cpu, f"{cluster.cpus_per_node} CPUs per node / {cpt * rpi} per instance"
-        if gpn and cluster.gpus_per_node < gpn:
-            problems.append(f"gpus_per_node={gpn}, but nodes in partition {cluster.partition} have "
-                            f"{cluster.gpus_per_node} GPU(s)")
+        problems += _missing_gpus(gpn, cluster)
     if problems:
         raise SlurmError(_problems(problems))
     cap = max(cap, 1)
@@ -300,9 +298,7 @@ def _plan_spanning(cfg: DeploymentConfig, res: Resolved, cluster: ClusterInfo | 
             cap = min(cap, gpn // gpr)
     if cluster is not None:
         cap = min(cap, cluster.cpus_per_node // cpt)
-        if gpn and cluster.gpus_per_node < gpn:
-            problems.append(f"gpus_per_node={gpn}, but nodes in partition {cluster.partition} have "
-                            f"{cluster.gpus_per_node} GPU(s)")
+        problems += _missing_gpus(gpn, cluster)
     if problems:
         raise SlurmError(_problems(problems))
     cap = max(cap, 1)
@@ -332,6 +328,13 @@ def _plan_spanning(cfg: DeploymentConfig, res: Resolved, cluster: ClusterInfo | 
     assert len(rank_node) == cfg.world_size
     return Layout(nodes=nodes, rank_node=rank_node, rank_gpus=rank_gpus, rank_roles=rank_roles,
                   rank_instance=rank_instance, gpus_per_node=gpn)
+
+
+def _missing_gpus(gpn: int, cluster: ClusterInfo) -> list[str]:
+    if gpn and cluster.gpus_per_node < gpn:
+        return [f"gpus_per_node={gpn}, but nodes in partition {cluster.partition} have "
+                f"{cluster.gpus_per_node} GPU(s)"]
+    return []
 
 
 def _problems(problems: list[str]) -> str:
