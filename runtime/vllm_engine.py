@@ -124,9 +124,18 @@ class _compat:
         return MultiprocExecutor(config, monitor_workers=False)
 
     @staticmethod
+    def _worker_procs(executor) -> list:
+        return [p for p in (getattr(w, "proc", None) for w in getattr(executor, "workers", ())) if p is not None]
+
+    @staticmethod
     def workers_alive(executor) -> bool:
-        procs = [getattr(w, "proc", None) for w in getattr(executor, "workers", ())]
-        return all(p is None or p.is_alive() for p in procs)
+        return all(p.is_alive() for p in _compat._worker_procs(executor))
+
+    @staticmethod
+    def kill_workers(executor) -> None:
+        for p in _compat._worker_procs(executor):
+            if p.is_alive():
+                p.kill()
 
     @staticmethod
     def request_errors() -> tuple[type[Exception], ...]:
@@ -557,6 +566,9 @@ class VllmEngine(Engine):
             msg = await asyncio.to_thread(instance_comm.recv, comm, 0, MULTINODE_TAG, stop, None,
                                           lambda: _compat.workers_alive(executor))
         finally:
+            # Its leader's workers are gone, so this node's wait in collectives that never end:
+            # killed at once rather than after vLLM's shutdown grace (which would hold the job's end).
+            _compat.kill_workers(executor)
             await asyncio.to_thread(executor.shutdown)
         if msg is None:
             log.error("instance %d follower stopped before its leader (%s)", self.ctx.instance,

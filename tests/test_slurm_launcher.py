@@ -799,4 +799,6 @@ def test_vllm_tensor_parallel_across_two_nodes(cluster, tmp_path, tiny_model_dir
         offline.kill()
         r = cli("stop", job)
     assert r.returncode == 0, r.stderr
+    assert "drained" in r.stdout, r.stdout + r.stderr       # the follower ends with its leader
     assert_nothing_left(job, str(cfg))
+    assert json.loads(cli("status", job, "--json").stdout)["slurm_state"] == "COMPLETED"
