@@ -124,16 +124,16 @@ class _compat:
         return MultiprocExecutor(config, monitor_workers=False)
 
     @staticmethod
-    def _worker_procs(executor) -> list:
+    def worker_procs(executor) -> list:
         return [p for p in (getattr(w, "proc", None) for w in getattr(executor, "workers", ())) if p is not None]
 
     @staticmethod
     def workers_alive(executor) -> bool:
-        return all(p.is_alive() for p in _compat._worker_procs(executor))
+        return all(p.is_alive() for p in _compat.worker_procs(executor))
 
     @staticmethod
     def kill_workers(executor) -> None:
-        for p in _compat._worker_procs(executor):
+        for p in _compat.worker_procs(executor):
             if p.is_alive():
                 p.kill()
 
@@ -513,7 +513,7 @@ class VllmEngine(Engine):
         # Building the engine blocks for the whole model load (vLLM waits for the engine core's
         # ready message), so it runs in a thread; AsyncLLM defers its asyncio tasks to first use.
         await asyncio.to_thread(self._build, kwargs, env)
-        self._start_watchdog()
+        self._start_watchdog(_compat.engine_processes(self.llm))
         # Cache the supported tasks now: add_request awaits them, and once cached that await never
         # suspends, so a request is registered with vLLM before any other task (an abort) runs.
         await self.llm.get_supported_tasks()
@@ -562,6 +562,7 @@ class VllmEngine(Engine):
         log.info("instance %d: node rank %d of %d, workers headless, leader at %s:%d", self.ctx.instance,
                  rank, comm.Get_size(), host, port)
         executor = await asyncio.to_thread(_compat.headless_executor, kwargs)
+        self._start_watchdog(_compat.worker_procs(executor))   # they must not outlive this rank
         try:
             msg = await asyncio.to_thread(instance_comm.recv, comm, 0, MULTINODE_TAG, stop, None,
                                           lambda: _compat.workers_alive(executor))
@@ -570,6 +571,7 @@ class VllmEngine(Engine):
             # killed at once rather than after vLLM's shutdown grace (which would hold the job's end).
             _compat.kill_workers(executor)
             await asyncio.to_thread(executor.shutdown)
+            self._stop_watchdog()
         if msg is None:
             log.error("instance %d follower stopped before its leader (%s)", self.ctx.instance,
                       "a signal" if stop.is_set() else "its workers died")
@@ -577,10 +579,11 @@ class VllmEngine(Engine):
         comm.send(("stopped",), dest=0, tag=MULTINODE_TAG)
         return 0
 
-    def _start_watchdog(self) -> None:
+    def _start_watchdog(self, procs: list) -> None:
+        """A small process that kills `procs` (and their children) when this rank dies."""
         import psutil   # a dependency of vLLM
         targets = []
-        for proc in _compat.engine_processes(self.llm):
+        for proc in procs:
             try:
                 targets.append(f"{proc.pid}:{psutil.Process(proc.pid).create_time()!r}")
             except (psutil.Error, TypeError, ValueError):

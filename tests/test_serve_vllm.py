@@ -192,8 +192,9 @@ def test_an_instance_over_two_nodes_matches_offline_llm(cpu_env, offline, prompt
                                                         tmp_path_factory):
     """engine.nodes_per_instance 2 with tensor_parallel_size 2: the instance's leader rank runs
     vLLM's multi-node executor, its follower rank that node's worker headless (vLLM's --headless).
-    Greedy answers equal the single-process offline ones; the deployment stops cleanly, follower
-    and its worker included (it was refused before)."""
+    Greedy answers equal the single-process offline ones (it was refused before). A follower rank
+    killed with SIGKILL takes its node's worker with it (its watchdog); the clean stop of such an
+    instance is checked on the Slurm test cluster (test_slurm_launcher.py)."""
     cfg = vllm_config(tiny_model_dir, workers=1)
     cfg["engine"] = dict(cfg["engine"], nodes_per_instance=2, tensor_parallel_size=2)
     dep = LocalDeployment(tmp_path_factory.mktemp("vllm-tp2"), cfg)
@@ -206,10 +207,15 @@ def test_an_instance_over_two_nodes_matches_offline_llm(cpu_env, offline, prompt
         assert len(tree) > 1, "the follower rank runs its node's worker"
         c = dep.client(timeout=120)
         got = [ask(c, kind, prompt) for kind, prompt, _ in prompts]
-    except BaseException:
+        workers = [p for p in tree if "Worker" in p.name()]
+        assert workers, [p.name() for p in tree]
+        follower.kill()
+        gone, alive_ = psutil.wait_procs(workers, timeout=10)
+        assert not alive_, f"the follower's workers outlived it: {[p.pid for p in alive_]}"
+    finally:
         dep.kill()
-        raise
-    _teardown(dep, tree)
+    psutil.wait_procs(tree, timeout=10)
+    assert not [p for p in tree if alive(p)], "processes of the follower rank outlived the deployment"
     for (text, n, finish), (want_ids, want_finish) in zip(got, offline.result()[:len(prompts)]):
         assert (text, n, finish) == (tok.decode(want_ids), len(want_ids), want_finish)
 
