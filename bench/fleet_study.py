@@ -21,7 +21,7 @@ from pathlib import Path
 from slurmserve.launcher.argtypes import non_negative_float, non_negative_int, pair, positive_float, positive_int, share
 from slurmserve.bench.fleet_sim import GoodputSearch, Workload, attainment, simulate, step_decode_ms, step_prefill_ms
 from slurmserve.config import SimConfig
-from slurmserve.runtime.sim_engine import SimEngine
+from slurmserve.runtime.sim.scheduler import Scheduler
 
 
 def fleets(n: int) -> list[dict]:
@@ -109,7 +109,7 @@ def run_study(a) -> dict:
             "sim": {k: v for k, v in sim.model_dump().items() if k in
                     ("prefill_coeffs", "decode_coeffs", "num_kv_blocks", "block_size", "max_num_seqs",
                      "max_num_batched_tokens")},
-            "remote_block_transfer_ms": SimEngine.remote_block_transfer_ms if a.transfer_ms is None else a.transfer_ms,
+            "remote_block_transfer_ms": Scheduler.remote_block_transfer_ms if a.transfer_ms is None else a.transfer_ms,
             "cells": cells, "rows": rows}
 
 
@@ -223,7 +223,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--range-ratio", type=_range_ratio, default=0.0, help="lengths uniform within +-this share")
     p.add_argument("--rate-step", type=_rate_step, default=2 ** 0.25, help="rate grid ratio (resolution), above 1")
     p.add_argument("--transfer-ms", type=non_negative_float, help="KV transfer cost per block "
-                   f"(default: SimEngine.remote_block_transfer_ms = {SimEngine.remote_block_transfer_ms})")
+                   f"(default: Scheduler.remote_block_transfer_ms = {Scheduler.remote_block_transfer_ms})")
     p.add_argument("--jobs", type=positive_int, default=2, help="processes")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/fleet-study"))

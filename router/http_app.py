@@ -109,10 +109,10 @@ class HeadApp(BearerApp):
         oa.check_supported(req)
         stops = oa.stop_strings(req)
         structured, param = oa.structured_outputs(req)
-        tools = ToolCalling(req, self.tool_call_parser, self.tok.hf) if chat and req.tools else None
-        if tools is not None and (forced := tools.structured_outputs()) is not None:
+        calling = ToolCalling(req, self.tool_call_parser, self.tok.hf) if chat and req.tools else None
+        if calling is not None and (forced := calling.structured_outputs()) is not None:
             if structured is not None:
-                raise APIError(400, f"{param} and tool_choice {tools.mode!r} both constrain the output: "
+                raise APIError(400, f"{param} and tool_choice {calling.mode!r} both constrain the output: "
                                     f"send one", param=param)
             structured, param = forced, "tool_choice"
         if structured is not None and "sim" in self._engine_kinds():
@@ -124,14 +124,14 @@ class HeadApp(BearerApp):
         if chat:
             try:
                 template_kwargs = dict(req.chat_template_kwargs or {})
-                if tools is not None:
-                    template_kwargs["tools"] = tools.tools
+                if calling is not None:
+                    template_kwargs["tools"] = calling.tools
                 prompt = await tok.off_loop(len(body), tok.chat_prompt, req.messages, limit, template_kwargs)
             except TooLong as e:
                 raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
             except (ValueError, TypeError, KeyError, RecursionError) as e:
                 raise APIError(400, f"messages: {e}", param="messages") from None
-            return req, [self._job(req, chat, prompt, "", structured)], stops, tools
+            return req, [self._job(req, chat, prompt, "", structured)], stops, calling
         prompts = oa.completion_prompts(req, tok.vocab_size)
         texts = [p for p in prompts if isinstance(p, str)]
         if texts:
@@ -166,7 +166,7 @@ class HeadApp(BearerApp):
         if self.inflight >= self.max_concurrent:
             raise APIError(429, "too many requests in flight", type_="rate_limit_error",
                            headers={"retry-after": "1"})
-        req, jobs, stops, tools = await self._prepare(request.body, chat)
+        req, jobs, stops, calling = await self._prepare(request.body, chat)
         if response.disconnected:    # left while its prompt was tokenized off the loop
             self.metrics.requests.count("abort")
             return
@@ -185,7 +185,7 @@ class HeadApp(BearerApp):
             if stream is None:
                 return
             answer = (StreamedAnswer if req.stream else WholeAnswer)(self, response, req, rid, prompt,
-                                                                       stops, chat, start, echo, tools)
+                                                                       stops, chat, start, echo, calling)
             if req.n > 1 or len(jobs) > 1:
                 await self._more_choices(answer, stream, req, rid, jobs, stops, session, interval)
                 return

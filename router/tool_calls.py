@@ -19,9 +19,6 @@ from typing import Any
 
 from slurmserve.router.openai_api import APIError
 
-FORCED = ("required", "named")
-
-
 def _call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
@@ -94,7 +91,7 @@ class ToolCalling:
                            param="tool_choice")
         self._parser_cls = _parser_class(parser_name) if self.mode == "auto" else None
         self._tokenizer = tokenizer
-        self._vllm_request = None
+        self.vllm_request = None      # vLLM's own request object, which its parsers read (auto only)
 
     def structured_outputs(self) -> dict | None:
         """The constraint of a forced choice, as vLLM's StructuredOutputsParams fields."""
@@ -108,9 +105,9 @@ class ToolCalling:
     def answer(self) -> ToolAnswer:
         parser = None
         if self._parser_cls is not None:
-            if self._vllm_request is None:
-                self._vllm_request = _vllm_request(self.tools, self.parallel)
-            parser = self._parser_cls(self._tokenizer, self._vllm_request.tools)
+            if self.vllm_request is None:
+                self.vllm_request = _vllm_request(self.tools, self.parallel)
+            parser = self._parser_cls(self._tokenizer, self.vllm_request.tools)
         return ToolAnswer(self, parser)
 
 
@@ -124,7 +121,7 @@ class ToolAnswer:
         # streaming state
         self._text, self._ids = "", []
         self._id = _call_id()
-        self._sent = 0           # named: whether the first tool_calls delta (id, name) went out
+        self._named_sent = False   # named: the first tool_calls delta (id, name) went out
 
     # ---- whole answers --------------------------------------------------------------------------
 
@@ -141,7 +138,7 @@ class ToolAnswer:
             self.called = True
             return _message(None, [_call(_call_id(), n, a) for n, a in calls]), "tool_calls"
         if c.mode == "auto":
-            info = self.parser.extract_tool_calls(text, c._vllm_request)
+            info = self.parser.extract_tool_calls(text, c.vllm_request)
             if info.tools_called:
                 self.called = True
                 calls = [_call(tc.id or _call_id(), tc.function.name, tc.function.arguments)
@@ -155,13 +152,13 @@ class ToolAnswer:
         """The `delta` objects for the next piece of text (and its token ids) of a streamed choice."""
         c = self.c
         if c.mode == "named":
-            if not piece and self._sent:
+            if not piece and self._named_sent:
                 return []
             self.called = True
             fn = {"arguments": piece}
             call = {"index": 0, "function": fn}
-            if not self._sent:
-                self._sent = 1
+            if not self._named_sent:
+                self._named_sent = True
                 call.update(id=self._id, type="function")
                 fn["name"] = c.name
             return [{"tool_calls": [call]}]
@@ -182,7 +179,7 @@ class ToolAnswer:
             if not piece and not final:
                 return []
             d = self.parser.extract_tool_calls_streaming(prev_text, self._text, piece, prev_ids, self._ids,
-                                                         list(ids), c._vllm_request)
+                                                         list(ids), c.vllm_request)
             if d is None:
                 return []
             out = d.model_dump(exclude_none=True)

@@ -36,8 +36,6 @@ KV_EVENTS_TOPIC = "kv-events"
 
 
 class SimEngine(Engine):
-    # the modelled cost of pulling one KV block (bench fleet's default); an engine's own is its scheduler's
-    remote_block_transfer_ms = Scheduler.remote_block_transfer_ms
     clock_slack_s = 0.005              # a step starting this late still counts from the previous deadline
 
     def __init__(self, cfg, ctx: EngineContext):
@@ -61,31 +59,6 @@ class SimEngine(Engine):
         self._vclock = 0.0
         self._stopped = False
         self._mirror = None               # follower ranks mirroring our steps (runtime/sim/mirror.py)
-
-    # counters, for tests and logs
-    @property
-    def steps(self) -> int:
-        return self.scheduler.steps
-
-    @property
-    def num_preemptions(self) -> int:
-        return self.scheduler.num_preemptions
-
-    @property
-    def external_kv_tokens(self) -> int:
-        return self.scheduler.external_kv_tokens
-
-    @property
-    def kv_transfer(self):
-        return self.connector.transfer
-
-    @property
-    def kv_transfers_verified(self) -> int:
-        return self.connector.verified
-
-    @property
-    def kv_transfers_failed(self) -> int:
-        return self.connector.failed
 
     def _kick(self) -> None:
         """Wake the loop: a request came, or a pulled request or held blocks came back."""

@@ -84,7 +84,7 @@ def test_sim_prefill_handoff_decode_by_phase(tiny_model_dir):
                                                                handoff=handoff))]
             ref = [d async for d in pre.generate(EngineRequest("r", prompt, sp))]
             assert [t for d in out for t in d.token_ids] == [t for d in ref for t in d.token_ids]
-            assert out[0].num_cached_tokens == len(prompt) and dec.external_kv_tokens > 0
+            assert out[0].num_cached_tokens == len(prompt) and dec.scheduler.external_kv_tokens > 0
         finally:
             for e in (pre, dec):
                 await e.stop()

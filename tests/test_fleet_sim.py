@@ -7,7 +7,7 @@ import pytest
 from slurmserve.bench.fleet_sim import (Fleet, GoodputSearch, Workload, simulate, step_decode_ms,
                                         step_prefill_ms)
 from slurmserve.config import SimConfig
-from slurmserve.runtime.sim_engine import SimEngine
+from slurmserve.runtime.sim.scheduler import Scheduler
 
 SIM = SimConfig(speedup=float("inf"))
 PROMPT, OUT = 100, 8            # 100 + 8 tokens stay within ceil(100 / 16) = 7 blocks: one decode cost
@@ -39,7 +39,7 @@ def test_single_engine_latencies_are_the_step_model():
 @pytest.mark.parametrize("transfer_ms", [None, 1.5])
 def test_disaggregated_ttft_includes_the_transfer(transfer_ms):
     r = one_request(prefill=1, decode=1, transfer_ms=transfer_ms)
-    per_block = SimEngine.remote_block_transfer_ms if transfer_ms is None else transfer_ms
+    per_block = Scheduler.remote_block_transfer_ms if transfer_ms is None else transfer_ms
     # prefill leg, then the decode engine's admitting step: one decode step plus 7 pulled blocks
     expected = step_prefill_ms(SIM, PROMPT) + step_decode_ms(SIM, 7) + 7 * per_block
     assert r.ok and r.output_tokens == OUT

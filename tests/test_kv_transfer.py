@@ -273,14 +273,14 @@ def _sim_prefill_main(conn, model_dir, backend, port, keys) -> None:
     async def main():
         engine = _sim_engine(model_dir, backend, 0, "prefill", port, keys, {})
         await engine.start()
-        conn.send(engine.kv_transfer.port)
+        conn.send(engine.connector.transfer.port)
         while True:
             cmd, *args = await asyncio.to_thread(conn.recv)
             if cmd == "prefill":
                 deltas, _ = await _run(engine, args[0], args[1], 1, {"do_remote_decode": True})
                 conn.send(deltas[-1].kv_transfer_params)
             elif cmd == "held":      # blocks still held for readers, once the reads are notified
-                while engine.kv_transfer.pending_exports() and args[0]:
+                while engine.connector.transfer.pending_exports() and args[0]:
                     await asyncio.sleep(0.005)
                 conn.send(engine.load().kv_usage)
             elif cmd == "stop":
@@ -319,7 +319,7 @@ def test_sim_decode_pulls_verifies_and_falls_back_to_local_prefill(model_dir):
             assert peer.call("held", False) > 0                   # held until the decode side reads
             deltas, toks = await _run(dec, "d1", prompt, 12, kv)
             assert toks == expect and deltas[0].num_cached_tokens == 150
-            assert (dec.kv_transfers_verified, dec.kv_transfers_failed) == (1, 0)
+            assert (dec.connector.verified, dec.connector.failed) == (1, 0)
             assert dec.load().external_kv_tokens == 150          # the pulled prompt tokens
             assert peer.call("held", True) == 0                   # the READ's notification released them
 
@@ -329,24 +329,24 @@ def test_sim_decode_pulls_verifies_and_falls_back_to_local_prefill(model_dir):
             kv2 = peer.call("prefill", "p2", prompt2)
             peer.pause()
             task = asyncio.create_task(_run(dec, "d2", prompt2, 12, kv2))
-            while dec.kv_transfer.in_flight == 0 and not task.done():
+            while dec.connector.transfer.in_flight == 0 and not task.done():
                 await asyncio.sleep(0.001)
             assert not task.done()
             peer.kill()
             deltas, toks = await task
             assert toks == expect2 and deltas[0].num_cached_tokens == 0
-            assert (dec.kv_transfers_verified, dec.kv_transfers_failed) == (1, 1)
+            assert (dec.connector.verified, dec.connector.failed) == (1, 1)
             assert dec.load().external_kv_tokens == 150          # a failed pull delivered nothing
 
             restarted = Peer(_sim_prefill_main, model_dir, "nixl", port, pk)
             try:
                 kv3 = restarted.call("prefill", "p3", prompt2)
                 _, toks = await _run(dec, "d3", prompt2, 12, kv3)
-                assert toks == expect2 and (dec.kv_transfers_verified, dec.kv_transfers_failed) == (2, 1)
+                assert toks == expect2 and (dec.connector.verified, dec.connector.failed) == (2, 1)
                 # bytes that do not match the prompt are caught, and the request still answers right
                 kv4 = restarted.call("prefill", "p4", prompt)
                 _, toks = await _run(dec, "d4", prompt2, 12, kv4)
-                assert toks == expect2 and (dec.kv_transfers_verified, dec.kv_transfers_failed) == (2, 2)
+                assert toks == expect2 and (dec.connector.verified, dec.connector.failed) == (2, 2)
                 assert dec.load().external_kv_tokens == 150 + 4   # d2's local prefill cached 96 of 100
             finally:
                 restarted.stop()

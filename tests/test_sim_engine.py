@@ -97,7 +97,7 @@ def test_many_concurrent_requests(model_dir):
                 assert deltas[0].num_prompt_tokens == 5 + i % 50
                 assert all(4 <= t < VOCAB for t in toks)      # never a special id (0..3 here)
             # the batch was continuous: far fewer steps than tokens
-            assert e.steps < sum(lens) / 2
+            assert e.scheduler.steps < sum(lens) / 2
             assert e.load().running == 0 and e.load().waiting == 0 and e.load().kv_usage == 0.0
         finally:
             await e.stop()
@@ -127,7 +127,7 @@ def test_chunked_prefill(model_dir):
         try:
             deltas, toks = await collect(e, "long", range(200), params(3))
             assert len(toks) == 3 and deltas[0].num_prompt_tokens == 200
-            assert e.steps >= 200 // 32 + 2      # 7 prefill chunks, then 2 decode steps
+            assert e.scheduler.steps >= 200 // 32 + 2      # 7 prefill chunks, then 2 decode steps
         finally:
             await e.stop()
     asyncio.run(main())
@@ -305,7 +305,7 @@ def test_preemption_under_kv_pressure(model_dir):
         try:
             results = await asyncio.gather(*[collect(e, f"r{i}", range(100 * i, 100 * i + 8), params(40))
                                              for i in range(6)])
-            assert e.num_preemptions > 0
+            assert e.scheduler.num_preemptions > 0
             for i, (deltas, toks) in enumerate(results):
                 assert len(toks) == 40 and deltas[-1].finish_reason == "length"
                 alone = make_engine(model_dir)
@@ -422,7 +422,7 @@ def test_prefill_only_then_remote_decode(model_dir):
             assert d_deltas[-1].kv_transfer_params is None
             _, a_toks = await collect(agg, "a", prompt, params(16))
             assert d_toks == a_toks and toks == a_toks[:1]
-            assert dec.steps == 16                # no prefill step on the decode instance
+            assert dec.scheduler.steps == 16                # no prefill step on the decode instance
             # the decode instance reports the prompt tokens it got from the prefill instance (the
             # head's instance_prompt_tokens_external_total); a repeat finds them in its own cache
             assert (dec.load().external_kv_tokens, pre.load().external_kv_tokens) == (80, 0)
@@ -472,7 +472,7 @@ def test_step_time_model(model_dir):
             t = time.perf_counter()
             deltas, toks = await collect(e, "t", range(100), params(20))
             elapsed = time.perf_counter() - t
-            assert len(toks) == 20 and e.steps == 20
+            assert len(toks) == 20 and e.scheduler.steps == 20
             # a token leaves when its own step's time is up: one per delta, the last one only
             # after all 20 steps (the loop samples the next step before it sleeps; that token
             # must not ride along with the previous one)
