@@ -14,7 +14,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -25,7 +24,9 @@ from slurmserve.private_files import write_private
 from slurmserve.kvfabric.kv_index import ApproxKVIndex
 from slurmserve.router.engine_client import EngineClient
 from slurmserve.router.http_app import MAX_BODY_BYTES, HeadApp
-from slurmserve.router.http_server import HTTPServer
+from slurmserve.router.frontend_hub import FrontendHub
+from slurmserve.router.frontend_pool import FrontendError, FrontendPool, frontend_count, reserve_port
+from slurmserve.router.http_server import HTTPServer, listen
 from slurmserve.router.instance import Instance
 from slurmserve.router.kv_state import KVState
 from slurmserve.router.metrics import HeadMetrics
@@ -95,7 +96,8 @@ class Head:
     async def run(self, world: World) -> int:
         cfg = self.cfg
         api_key = load_api_key(cfg)
-        tokenizer = Tokenizer(cfg.model.path)   # before the control loops start: it blocks for a while
+        # before the control loops start: it blocks for a while (front-end processes load their own)
+        tokenizer = Tokenizer(cfg.model.path) if frontend_count(cfg) == 1 else None
         metrics = HeadMetrics(cfg.model.served_name)
         instances = [Instance(index=i, role=role, identity=f"instance-{i}".encode(), address=r.address)
                      for i, (role, r) in enumerate(zip(cfg.pools.instances(), world.instance_leaders(cfg)))]
@@ -124,24 +126,16 @@ class Head:
         router = Router(instances, policies, kv_state.index)
         orchestrator = Orchestrator(client, router, metrics, cfg.pools.disaggregated, cfg.router.disagg,
                                     cfg.router.kv.busy_threshold, migration_limit=cfg.router.migration_limit)
-        app = HeadApp(orchestrator=orchestrator,
-                      tokenizer=tokenizer, metrics=metrics, model_name=cfg.model.served_name,
-                      max_model_len=cfg.model.max_model_len, api_key=api_key,
-                      max_concurrent=cfg.router.max_concurrent_requests,
-                      session_header=cfg.router.session_header,
-                      stream_interval=cfg.router.stream_interval,
-                      tool_call_parser=cfg.router.tool_call_parser)
-
-        address = (cfg.router.host or world.head.address, cfg.router.port)
+        host = cfg.router.host or world.head.address
+        count = frontend_count(cfg)
         try:
-            listener = socket.create_server(address, backlog=2048)
+            front = InProcessFront(HeadApp.from_config(cfg, orchestrator, tokenizer, metrics, api_key), cfg) \
+                if count == 1 else ProcessFront(cfg, orchestrator, metrics, api_key, count)
+            host, port = await front.start(host, cfg.router.port)
         except OSError as e:
-            raise HeadError(f"router: cannot listen on {address[0]}:{address[1]}: {e.strerror}") from None
-        host, port = listener.getsockname()[:2]
-        server = HTTPServer(app, max_body=MAX_BODY_BYTES, keep_alive_s=30.0,
-                            read_timeout_s=cfg.router.http_read_timeout_s,
-                            max_connections_per_client=cfg.router.max_connections_per_client)
-        await server.start(listener)
+            raise HeadError(f"router: cannot listen on {host}:{cfg.router.port}: {e.strerror}") from None
+        except FrontendError as e:
+            raise HeadError(str(e)) from None
 
         stop = asyncio.Event()
         drain = {"grace": 0.0, "signal": None}
@@ -171,15 +165,15 @@ class Head:
             reg.serving(info, api_key)
             reg.mark(listening=info["started"])
             ready_task = asyncio.create_task(reg.watch_ready(client.all_ready))
-        log.info("serving %s at http://%s:%d/v1 (%d engine instances)", cfg.model.served_name, host,
-                 port, len(instances))
+        log.info("serving %s at http://%s:%d/v1 (%d engine instances, %d HTTP front-end process%s)",
+                 cfg.model.served_name, host, port, len(instances), count, "" if count == 1 else "es")
         # The tokenizer and its libraries leave a large heap that never becomes garbage: move it out of
         # the collector's sight, or every full collection walks it again while requests wait.
         gc.collect()
         gc.freeze()
         batch = None
         if self.batch_job is not None:   # `slurmserve batch`: run the file through `app`, then shut down
-            batch = asyncio.create_task(self.batch_job(app, api_key, metrics.registry, client.all_ready)
+            batch = asyncio.create_task(self.batch_job(front.app, api_key, metrics.registry, client.all_ready)
                                         .run(stop, lambda: drain["grace"]))
         failure = asyncio.create_task(watch_failures(client))
         stopped = asyncio.create_task(stop.wait())
@@ -188,7 +182,7 @@ class Head:
             stopped.cancel()
             if batch is not None:
                 batch.cancel()
-            server.close()
+            await front.close()
             await client.close(f"the deployment failed: {failure.result()}", grace_s=2.0, failed=True)
             await kv_state.close()
             raise HeadError(failure.result())
@@ -199,20 +193,79 @@ class Head:
             reg.draining(drain["signal"])
         code = await batch if batch is not None else 0   # in-flight lines finish within the grace
 
-        app.draining = True
-        deadline = time.monotonic() + drain["grace"]
-        while app.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        cut = app.inflight     # still running at the end of the grace: their streams are cut
+        cut = await front.drain(drain["grace"])   # still running at the end of the grace: cut
         if cut:
             log.warning("drain: %d request(s) still running after %.0f s were cut", cut, drain["grace"])
-        server.close()
+        await front.close()
         await client.close("head shutting down", grace_s=max(2.0, cfg.runtime.shutdown_grace_s))
         await kv_state.close()
         self.zctx.term()
         if reg is not None:   # exited, or requeued after a preemption warning when the job asks
             reg.finished(preempted=drain["signal"] == signal.SIGUSR2, cut_requests=cut)
         return code
+
+
+class InProcessFront:
+    """The head serves HTTP from its own loop (router.http_workers 1)."""
+
+    def __init__(self, app: HeadApp, cfg: DeploymentConfig):
+        self.app = app
+        self.server = HTTPServer(app, max_body=MAX_BODY_BYTES, keep_alive_s=30.0,
+                                 read_timeout_s=cfg.router.http_read_timeout_s,
+                                 max_connections_per_client=cfg.router.max_connections_per_client)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        listener = listen(host, port)
+        await self.server.start(listener)
+        return listener.getsockname()[:2]
+
+    async def drain(self, grace_s: float) -> int:
+        """Refuse new requests, wait up to `grace_s` for running ones; how many are left."""
+        self.app.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.app.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.app.inflight
+
+    async def close(self) -> None:
+        self.server.close()
+
+
+class ProcessFront:
+    """HTTP front-end processes on a shared port (router.http_workers > 1); this process routes."""
+
+    app = None    # (no in-process app: `slurmserve batch` runs with one front end)
+
+    def __init__(self, cfg: DeploymentConfig, orchestrator: Orchestrator, metrics: HeadMetrics, api_key: str,
+                 count: int):
+        self.cfg, self.orch, self.metrics, self.api_key, self.count = cfg, orchestrator, metrics, api_key, count
+        self.pool: FrontendPool | None = None
+        self.hub: FrontendHub | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.port_sock = reserve_port(host, port)
+        host, port = self.port_sock.getsockname()[:2]
+        self.pool = FrontendPool(self.cfg, self.api_key, host, port, self.count)
+        self.zctx, sock = FrontendHub.bind(self.pool.address)
+        self.hub = FrontendHub(self.orch, self.metrics, sock, self.cfg.router.max_concurrent_requests)
+        self.hub.start()
+        try:
+            await self.pool.start(self.hub)
+        except BaseException:
+            await self.close()
+            raise
+        return host, port
+
+    async def drain(self, grace_s: float) -> int:
+        return await self.hub.drain(grace_s)
+
+    async def close(self) -> None:
+        if self.hub is not None:
+            self.hub.close()
+        if self.pool is not None:
+            await self.pool.stop()
+        self.port_sock.close()
+        self.zctx.term()
 
 
 async def watch_failures(client: EngineClient, period_s: float = 0.1) -> str:

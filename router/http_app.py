@@ -61,10 +61,18 @@ class HeadApp(BearerApp):
             ("GET", "/health"): self.health,
         })
 
+    @classmethod
+    def from_config(cls, cfg, orchestrator, tokenizer: Tokenizer, metrics: HeadMetrics, api_key: str) -> HeadApp:
+        """The app a head (or each front-end process of one) serves for a DeploymentConfig."""
+        r = cfg.router
+        return cls(orchestrator=orchestrator, tokenizer=tokenizer, metrics=metrics,
+                   model_name=cfg.model.served_name, max_model_len=cfg.model.max_model_len, api_key=api_key,
+                   max_concurrent=r.max_concurrent_requests, session_header=r.session_header,
+                   stream_interval=r.stream_interval, tool_call_parser=r.tool_call_parser)
+
     def _engine_kinds(self) -> set[str]:
         """The kinds of engine the instances declared when they came up."""
-        client = getattr(self.orch, "client", None)    # (None in tests that only prepare requests)
-        return {i.info.kind for i in getattr(client, "instances", ()) if getattr(i, "info", None) is not None}
+        return self.orch.engine_kinds() if self.orch is not None else set()   # (None: tests that only prepare)
 
     @property
     def token_text(self) -> oa.TokenText:

@@ -50,6 +50,14 @@ _TAIL = 64   # bytes of the previous read kept for such a line cut in two
 Headers = list[tuple[bytes, bytes]]
 
 
+def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket. `reuse_port`: SO_REUSEPORT, for a head's front-end processes that
+    share one port; the kernel spreads connections over them and admits only sockets of the same
+    user to the group."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048, reuse_port=reuse_port)
+
+
 class Request:
     __slots__ = ("method", "path", "query", "headers", "body")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter as Tally
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -53,6 +54,17 @@ class LatencyHistogram:
         return HistogramMetricFamily(self.name, self.doc, buckets=cumulative, sum_value=self.sum)
 
 
+class RequestSnapshot(msgspec.Struct, array_like=True):
+    """A front-end process's request metrics, summed by the router process when /metrics is read
+    (router/frontend_hub.py): every counter, gauge and histogram of RequestMetrics, and the HTTP
+    errors by status."""
+    finished: dict[str, int]
+    tokens: tuple[int, int, int]          # prompt, cached, generated
+    running: int
+    histograms: list[tuple[list[int], float]]   # ttft, e2e, tpot: bucket counts and sum
+    errors: dict[str, int]
+
+
 class RequestMetrics(Collector):
     """What every request updates: counters, the in-flight gauge and the latency histograms, kept
     as plain numbers and made into metric families only when /metrics is read. (prometheus_client's
@@ -74,6 +86,24 @@ class RequestMetrics(Collector):
         self.prompt_tokens += prompt
         self.cached_tokens += cached
         self.generation_tokens += generated
+
+    def histograms(self) -> tuple[LatencyHistogram, ...]:
+        return self.ttft, self.e2e, self.tpot
+
+    def snapshot(self, errors: dict[str, int]) -> RequestSnapshot:
+        return RequestSnapshot(dict(self.finished), (self.prompt_tokens, self.cached_tokens, self.generation_tokens),
+                               self.running, [(list(h.counts), h.sum) for h in self.histograms()], errors)
+
+    def add(self, snap: RequestSnapshot) -> None:
+        self.finished.update(snap.finished)
+        prompt, cached, generated = snap.tokens
+        self.prompt_tokens += prompt
+        self.cached_tokens += cached
+        self.generation_tokens += generated
+        self.running += snap.running
+        for h, (counts, total) in zip(self.histograms(), snap.histograms):
+            h.counts = [a + b for a, b in zip(h.counts, counts)]
+            h.sum += total
 
     def collect(self):
         requests = CounterMetricFamily("slurmserve:requests", "Finished requests by finish reason "
@@ -109,13 +139,45 @@ class KVEventCounts(Collector):
         yield family
 
 
+class ErrorCounts(Collector):
+    """HTTP errors by status, summed over front-end processes."""
+
+    def __init__(self, tally: Tally[str]):
+        self.tally = tally
+
+    def collect(self):
+        family = CounterMetricFamily(_ERRORS[0], _ERRORS[1], labels=["status"])
+        for status, n in sorted(self.tally.items()):
+            family.add_metric([status], n)
+        yield family
+
+
+class Families(Collector):
+    """Everything another registry holds, as part of this one."""
+
+    def __init__(self, source: CollectorRegistry):
+        self.source = source
+
+    def collect(self):
+        yield from self.source.collect()
+
+
+_ERRORS = ("slurmserve:http_errors", "Requests rejected with an error")
+
+
 class HeadMetrics:
+    """The head's metrics in two parts: what answering requests updates (`requests`, `http_errors`:
+    per front-end process, summed when there are several) and the fleet's (instances, KV events,
+    disaggregation, migrations: the router's alone). `registry` holds both."""
+
     def __init__(self, model_name: str):
         r = self.registry = CollectorRegistry()
         self.requests = RequestMetrics()
         r.register(self.requests)
-        self.http_errors = Counter("slurmserve:http_errors", "Requests rejected with an error",
-                                   ["status"], registry=r)
+        self.http_errors = Counter(*_ERRORS, ["status"], registry=r)
+        self.fleet = CollectorRegistry()
+        r.register(Families(self.fleet))
+        r = self.fleet
         self.instance_up = Gauge("slurmserve:instance_up", "1 while an engine instance is in rotation",
                                  ["instance", "role"], registry=r)
         # The engine's own figures, copied from each heartbeat (totals too: the head only mirrors them).
@@ -138,3 +200,22 @@ class HeadMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def snapshot(self) -> RequestSnapshot:
+        """This process's request metrics, for the router process to sum."""
+        errors = {s.labels["status"]: int(s.value) for metric in self.http_errors.collect()
+                  for s in metric.samples if s.name.endswith("_total")}
+        return self.requests.snapshot(errors)
+
+    def render_merged(self, snapshots: list[RequestSnapshot]) -> bytes:
+        """/metrics of a head with several front-end processes: their request metrics summed, and
+        this (the router) process's fleet metrics."""
+        total, errors = RequestMetrics(), Tally()
+        for snap in snapshots:
+            total.add(snap)
+            errors.update(snap.errors)
+        r = CollectorRegistry()
+        r.register(total)
+        r.register(ErrorCounts(errors))
+        r.register(Families(self.fleet))
+        return generate_latest(r)

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import msgspec
 
@@ -107,17 +109,35 @@ class Orchestrator:
         the caller must `release`. Raises NoInstanceError if no engine can take it. Requests of one
         `session` (a client-chosen id) stay on one instance while it lives. After the first delta,
         the next comes once `interval` tokens have queued up, or at the end."""
+        started = self.begin(req_id, prompt, params, session, interval)
+        return started if isinstance(started, RequestStream) else await started
+
+    def begin(self, req_id: str, prompt: list[int], params: P.SamplingParams, session: bytes | None = None,
+              interval: int = 1) -> RequestStream | Coroutine[Any, Any, RequestStream]:
+        """`start` without a task where none is needed: the stream, or, when a remote prefill leg
+        must run first, the coroutine that runs it and returns the stream. (The router process of a
+        multi-process head starts every request this way: most need no task.)"""
         route = self.router.route(prompt)
-        handoff = None
         role = "decode" if self.disaggregated else "worker"
         choice = self.router.choose(role, route, session)
         # a decode instance that pulls its KV never computes the prompt: prompt logprobs need it local
         if self.disaggregated and params.prompt_logprobs is None and self._remote_prefill_pays(route, choice):
-            handoff = await self._prefill(req_id, prompt, params, route)
-            if not choice.instance.up:   # it died while the prefill leg ran: another one pulls the KV
-                choice = self.router.choose(role, route, session)
-        leg = self._submit(choice, req_id, route, params, handoff, interval)
+            return self._start_after_prefill(req_id, prompt, params, session, interval, route, choice)
+        leg = self._submit(choice, req_id, route, params, None, interval)
         return RequestStream(self, req_id, prompt, params, session, interval, role, leg)
+
+    async def _start_after_prefill(self, req_id: str, prompt: list[int], params: P.SamplingParams,
+                                   session: bytes | None, interval: int, route: Route,
+                                   choice: Choice) -> RequestStream:
+        handoff = await self._prefill(req_id, prompt, params, route)
+        if not choice.instance.up:   # it died while the prefill leg ran: another one pulls the KV
+            choice = self.router.choose("decode", route, session)
+        leg = self._submit(choice, req_id, route, params, handoff, interval)
+        return RequestStream(self, req_id, prompt, params, session, interval, "decode", leg)
+
+    def engine_kinds(self) -> set[str]:
+        """The kinds of engine the instances declared when they came up."""
+        return {i.info.kind for i in self.client.instances if i.info is not None}
 
     def release(self, stream: RequestStream) -> None:
         """The request is over for its client: forget it, and abort it if the engine still runs it."""

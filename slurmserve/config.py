@@ -196,6 +196,13 @@ class RouterConfig(_Strict):
                           "default to tool_choice \"auto\" and calls are read from the model's text; "
                           "the head then imports vLLM. Unset, \"required\" and named functions "
                           "still work (constrained JSON).")
+    http_workers: int | None = Field(
+        None, ge=1, le=64,
+        description="HTTP front-end processes (tokenizing, detokenizing, the OpenAI API), sharing the "
+                    "port with SO_REUSEPORT; with more than 1, a router process of its own owns the "
+                    "routing state, the KV index and the engine connections. Unset: inside a Slurm "
+                    "job, the CPUs the head's task may run on, at most 8; outside one, 1. "
+                    "`slurmserve batch` always uses 1 (it sends its lines in-process).")
     migration_limit: int = Field(
         3, ge=0, description="A request whose engine instance dies or hangs mid-request continues on "
                              "another instance of its pool (prompt + the tokens already generated), "
