@@ -62,6 +62,7 @@ class PeerSetup(_Strict):
     block_size: PositiveInt = 16
     max_num_seqs: PositiveInt = 256
     max_num_batched_tokens: PositiveInt = 8192
+    http_workers: PositiveInt = 1           # slurmserve's front-end processes (Dynamo's frontend uses every core)
 
 
 class PeerWorkload(_Strict):
@@ -112,8 +113,15 @@ def load_peer_file(path: Path) -> PeerFile:
 
 
 def _sim_config(peer: PeerFile, setup: PeerSetup) -> dict:
-    return dynamo_peer.sim_config(peer.model.path, peer.model.name, workers=peer.workers,
-                                  max_model_len=peer.model.max_model_len, **setup.model_dump())
+    cfg = dynamo_peer.sim_config(peer.model.path, peer.model.name, workers=peer.workers,
+                                 max_model_len=peer.model.max_model_len, **_engine_setup(setup))
+    cfg["router"]["http_workers"] = setup.http_workers
+    return cfg
+
+
+def _engine_setup(setup: PeerSetup) -> dict:
+    """What both sides' engines are given."""
+    return setup.model_dump(exclude={"http_workers"})
 
 
 def shared_prefix_chat(n: int, num_prefixes: int, prefix_len: int, suffix_len: int, output_len: int,
@@ -162,24 +170,28 @@ def measure(side: Side, other: Side, model: str, specs, concurrency: int) -> dic
     """One closed-loop run: loadgen's summary plus CPU ms per completed request."""
     roots = {**side.roots, **{f"other.{k}": v for k, v in other.roots.items()}}
     sampler = CpuSampler(roots)
-    client = cpu_seconds(os.getpid())
+    client, router = cpu_seconds(os.getpid()), cpu_seconds(side.roots["front"])
     sampler.start()
     results, wall = asyncio.run(run_load(side.url, side.key, model, specs, concurrency=concurrency))
     cpu = sampler.stop()
     client = cpu_seconds(os.getpid()) - client
+    # the front's own process: with front-end processes (its children), the router's share alone
+    router = cpu_seconds(side.roots["front"]) - router
     s = summarize(results, wall)
     n = max(1, s["completed"])
     groups = {"front": 0.0, "engines": 0.0, "other_side": 0.0}
     for name, secs in cpu.items():
         groups["front" if name == "front" else "other_side" if name.startswith("other.") else "engines"] += secs
-    s["cpu_ms_per_request"] = {k: v * 1000 / n for k, v in {**groups, "client": client}.items()}
+    s["cpu_ms_per_request"] = {k: v * 1000 / n for k, v in {**groups, "client": client,
+                                                            "front_process": router}.items()}
     s["output_tokens_per_request"] = s["output_tokens"] / n
     return s
 
 
 HEADLINE = ("cpu_ms_per_request.front", "request_throughput", "ttft_ms.p50", "ttft_ms.p99", "tpot_ms.p50",
             "chunks_per_request", "output_tokens_per_request", "cpu_ms_per_request.engines",
-            "cpu_ms_per_request.client", "cpu_ms_per_request.other_side", "failed", "prompt_tokens_mismatched")
+            "cpu_ms_per_request.client", "cpu_ms_per_request.other_side", "cpu_ms_per_request.front_process",
+            "failed", "prompt_tokens_mismatched")
 
 
 def _machine() -> dict:
@@ -233,7 +245,7 @@ def _run_setup(peer: PeerFile, setup_name: str, runs: dict[str, PeerRun], rounds
     setup = peer.setups[setup_name]
     dyn = dynamo_peer.DynamoPeer(out_dir / "deployments", peer.model.path, peer.model.name, workers=peer.workers,
                                  max_model_len=peer.model.max_model_len, output_ids_by_len=replies,
-                                 name=f"dynamo-{setup_name}", **setup.model_dump())
+                                 name=f"dynamo-{setup_name}", **_engine_setup(setup))
     dep = LocalDeployment(out_dir / "deployments", _sim_config(peer, setup), name=f"slurmserve-{setup_name}")
     per_run: dict[str, dict[str, list]] = {n: {s: [] for s in SIDES} for n in runs}
     with dep, dyn:
@@ -275,8 +287,8 @@ def markdown_table(report: dict) -> str:
              f"scale {report['scale']})", "",
              f"{m['cpus']} × {m['cpu']}; Python {m['python']}; ai-dynamo {m['ai-dynamo']}; commit {m['commit']}",
              "", "| run | c | Dynamo frontend CPU ms/req | slurmserve head CPU ms/req | head ÷ frontend "
-             "| req/s D / S | TTFT p50 ms D / S | TTFT p99 ms D / S | chunks/req D / S | failed D / S |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| req/s D / S | TTFT p50 ms D / S | TTFT p99 ms D / S | chunks/req D / S | failed D / S "
+             "| S router process ms/req |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         d, s = r["sides"]["dynamo"]["median"], r["sides"]["slurmserve"]["median"]
         df, sf = d["cpu_ms_per_request.front"], s["cpu_ms_per_request.front"]
@@ -284,11 +296,11 @@ def markdown_table(report: dict) -> str:
         pair = lambda k: f"{_fmt(d[k])} / {_fmt(s[k])}"  # noqa: E731
         lines.append(f"| {r['run']} | {r['concurrency']} | {_fmt(df)} | {_fmt(sf)} | {ratio} | "
                      f"{pair('request_throughput')} | {pair('ttft_ms.p50')} | {pair('ttft_ms.p99')} | "
-                     f"{pair('chunks_per_request')} | {pair('failed')} |")
+                     f"{pair('chunks_per_request')} | {pair('failed')} | {_fmt(s['cpu_ms_per_request.front_process'])} |")
     lines.append("")
     for name, st in report["setups"].items():
         lines.append(f"- setup {name}: speedup {st['speedup']}, {st['num_kv_blocks']} KV blocks of "
-                     f"{st['block_size']}; load average before {st['loadavg_before'][0]:.2f}, "
+                     f"{st['block_size']}, {st.get('http_workers', 1)} slurmserve front-end process(es); load average before {st['loadavg_before'][0]:.2f}, "
                      f"after {st['loadavg_after'][0]:.2f}")
     return "\n".join(lines) + "\n"
 

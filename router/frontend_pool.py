@@ -91,7 +91,7 @@ class FrontendPool:
         while len(hub.frontends) < self.count:
             for index, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise FrontendError(f"HTTP front end {index} exited with code {proc.returncode} while "
+                    raise FrontendError(f"the head failed: HTTP front end {index} exited with code {proc.returncode} while "
                                         f"starting: {self._last_line(index)} (log: {self.log_file(index)})")
             if time.monotonic() > deadline:
                 raise FrontendError(f"the HTTP front ends did not start within {timeout_s:.0f} s")
