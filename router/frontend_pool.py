@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -76,7 +77,7 @@ class FrontendPool:
         return str(self.cfg.log_dir / f"frontend-{index}.log")
 
     def _spawn(self, index: int) -> None:
-        settings = Settings(index, self.cfg.model_dump_json(), self.api_key, self.address, self.host,
+        settings = Settings(index, pickle.dumps(self.cfg), self.api_key, self.address, self.host,
                             self.port, os.getpid())
         proc = subprocess.Popen([sys.executable, "-m", "slurmserve.router.frontend"], stdin=subprocess.PIPE)
         proc.stdin.write(msgspec.json.encode(settings))

@@ -111,7 +111,8 @@ class Head:
             return await self._serve(world, tokenizer, metrics, instances, client, kv_state, api_key)
         except Exception as e:
             if not client.closing:   # tell the workers to stop, or they would wait for a head that is gone
-                await client.close(f"the head failed: {e}", grace_s=2.0, failed=True)
+                reason = str(e) if str(e).startswith("the head failed") else f"the head failed: {e}"
+                await client.close(reason, grace_s=2.0, failed=True)
             raise
 
     async def _serve(self, world: World, tokenizer: Tokenizer, metrics: HeadMetrics,
