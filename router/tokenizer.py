@@ -74,9 +74,12 @@ class Tokenizer:
     a dead one): `off_loop` runs the work of a large request on worker threads, where the Rust
     batch calls release the GIL, so the loop goes on while they run."""
 
-    # Work on up to this many characters runs on the caller's thread: ~35 µs to tokenize such a
-    # prompt, less than a hop to a worker thread and back costs in CPU (measured ~40-90 µs).
-    INLINE_CHARS = 2048
+    # Work on up to this many characters (~2000 tokens, ~0.7 ms) runs on the caller's thread. A hop
+    # to a worker thread and back costs more CPU than the hop alone (~40-90 µs): under load the
+    # threads contend for the GIL, and a 512-token chat request cost the head ~0.2 ms (7%) more off
+    # the loop than on it (docs/benchmarks.md). Parallel tokenizing is the front-end processes' job
+    # (router.http_workers); the threads only keep a long prompt from stalling the loop.
+    INLINE_CHARS = 8192
     POOL_THREADS = 4
 
     def __init__(self, model_dir: str | os.PathLike):
