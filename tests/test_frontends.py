@@ -186,3 +186,21 @@ def test_frontend_count(tiny_model_dir, tmp_path):
                                                batch={"input": str(tmp_path / "in.jsonl"),
                                                       "output": str(tmp_path / "out.jsonl")}))
     assert frontend_count(cfg, env={}) == 1     # a batch run sends its lines in-process
+
+
+def test_the_in_flight_limit_holds_across_front_ends(tiny_model_dir, tmp_path):
+    """router.max_concurrent_requests is the deployment's, not each front end's: the router process
+    counts every front end's requests."""
+    cfg = frontends_config(tiny_model_dir, max_concurrent_requests=2)
+    cfg["engine"]["sim"]["speedup"] = 0.2      # long enough to overlap
+    with LocalDeployment(tmp_path, cfg) as dep:
+        clients = [httpx.Client(base_url=dep.base, timeout=60) for _ in range(8)]
+        try:
+            with cf.ThreadPoolExecutor(len(clients)) as pool:
+                answers = list(pool.map(lambda c: completion(c, dep.api_key, 100), clients))
+        finally:
+            for c in clients:
+                c.close()
+    codes = sorted(r.status_code for r in answers)
+    assert codes.count(200) >= 2 and codes.count(429) >= 4, codes
+    assert all(r.json()["error"]["type"] == "rate_limit_error" for r in answers if r.status_code == 429)
