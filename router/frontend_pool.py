@@ -23,12 +23,14 @@ from pathlib import Path
 import msgspec
 
 from slurmserve.config import DeploymentConfig
+from slurmserve.stale_dirs import remove_stale_dirs
 from slurmserve.router.frontend import Settings
 from slurmserve.router.frontend_hub import FrontendHub
 
 log = logging.getLogger(__name__)
 
 MAX_AUTO_WORKERS = 8
+IPC_DIR_PREFIX = "slurmserve-head-"    # + the router process's pid (slurmserve/stale_dirs.py)
 
 
 def frontend_count(cfg: DeploymentConfig, env=os.environ) -> int:
@@ -66,7 +68,9 @@ class FrontendPool:
         self.api_key = api_key
         self.host, self.port = host, port
         self.count = count
-        self.dir = tempfile.mkdtemp(prefix="slurmserve-head-")    # 0700
+        base = Path(tempfile.gettempdir())
+        remove_stale_dirs(base, IPC_DIR_PREFIX)     # of heads that were killed
+        self.dir = tempfile.mkdtemp(prefix=f"{IPC_DIR_PREFIX}{os.getpid()}-", dir=base)    # 0700
         self.address = f"ipc://{self.dir}/router"
         self.procs: dict[int, subprocess.Popen] = {}
         self.restarts = 0

@@ -175,6 +175,31 @@ def test_sigusr2_drains_every_front_end(tiny_model_dir, tmp_path):
         dep.kill()
 
 
+def test_a_killed_head_leaves_no_front_end_and_its_socket_dir_is_removed_next_time(tiny_model_dir, tmp_path):
+    import glob
+    import tempfile
+    from slurmserve.router.frontend_pool import IPC_DIR_PREFIX
+    dep = LocalDeployment(tmp_path, frontends_config(tiny_model_dir)).start()
+    head = int(dep.info["pid"])
+    pids = frontend_pids(dep)
+    mine = glob.glob(os.path.join(tempfile.gettempdir(), f"{IPC_DIR_PREFIX}{head}-*"))
+    assert len(mine) == 1 and (os.stat(mine[0]).st_mode & 0o777) == 0o700
+    os.kill(head, signal.SIGKILL)
+    dep.proc.wait(60)
+    deadline = time.time() + 10
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    dep.kill()
+    assert os.path.isdir(mine[0])          # nobody could clean up after a SIGKILL...
+    again = LocalDeployment(tmp_path, frontends_config(tiny_model_dir), name="again").start()
+    try:
+        assert not os.path.exists(mine[0])   # ...until the next head started
+    finally:
+        again.stop()
+        again.kill()
+
+
 def test_frontend_count(tiny_model_dir, tmp_path):
     base = {"model": {"path": str(tiny_model_dir)}, "engine": {"kind": "sim"}}
     cfg = DeploymentConfig.model_validate(base)
