@@ -170,13 +170,13 @@ def measure(side: Side, other: Side, model: str, specs, concurrency: int) -> dic
     """One closed-loop run: loadgen's summary plus CPU ms per completed request."""
     roots = {**side.roots, **{f"other.{k}": v for k, v in other.roots.items()}}
     sampler = CpuSampler(roots)
-    client, router = cpu_seconds(os.getpid()), cpu_seconds(side.roots["front"])
+    client = cpu_seconds(os.getpid())
     sampler.start()
     results, wall = asyncio.run(run_load(side.url, side.key, model, specs, concurrency=concurrency))
     cpu = sampler.stop()
     client = cpu_seconds(os.getpid()) - client
     # the front's own process: with front-end processes (its children), the router's share alone
-    router = cpu_seconds(side.roots["front"]) - router
+    router = sampler.own_seconds["front"]
     s = summarize(results, wall)
     n = max(1, s["completed"])
     groups = {"front": 0.0, "engines": 0.0, "other_side": 0.0}

@@ -44,6 +44,7 @@ class CpuSampler:
         self.roots = roots
         self._start: dict[str, dict[int, float]] = {}
         self.seconds: dict[str, float] = {}
+        self.own_seconds: dict[str, float] = {}     # each root process alone, without its children
 
     def _snapshot(self) -> dict[str, dict[int, float]]:
         return {name: {p: cpu_seconds(p) for p in tree(pid)} for name, pid in self.roots.items()}
@@ -55,4 +56,6 @@ class CpuSampler:
         end = self._snapshot()
         self.seconds = {name: sum(t - self._start[name].get(p, 0.0) for p, t in end[name].items())
                         for name in self.roots}
+        self.own_seconds = {name: end[name].get(pid, 0.0) - self._start[name].get(pid, 0.0)
+                            for name, pid in self.roots.items()}
         return self.seconds

@@ -26,13 +26,18 @@ RUNS = {
     "prefix": {"setup": "instant", "concurrency": 2, "warmup": 0,
                "workload": {"dataset": "shared-prefix-chat", "num_prefixes": 2, "prefix_len": 64,
                             "suffix_len": 8, "output_len": OUT, "num_prompts": 6}},
+    # the head with two front-end processes and its router process
+    "chat-fe2": {"setup": "instant-fe2", "concurrency": 4, "warmup": 0,
+                 "workload": {"dataset": "chat", "input_len": 48, "output_len": OUT, "num_prompts": 8}},
 }
 
 
 def peer_file(tmp_path, model_dir, **changes):
     doc = {"name": "smoke", "model": {"path": str(model_dir), "name": "tiny-llama", "max_model_len": 512},
            "workers": 2, "rounds": 1,
-           "setups": {"instant": {"speedup": float("inf"), "num_kv_blocks": 256, "block_size": 16}},
+           "setups": {"instant": {"speedup": float("inf"), "num_kv_blocks": 256, "block_size": 16},
+                      "instant-fe2": {"speedup": float("inf"), "num_kv_blocks": 256, "block_size": 16,
+                                      "http_workers": 2}},
            "runs": RUNS, **changes}
     path = tmp_path / "peer.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -67,7 +72,8 @@ def test_both_sides_serve_the_same_requests(tmp_path, tiny_model_dir):
     out = tmp_path / "report"
     run_peer(peer_file(tmp_path, tiny_model_dir), out)
     report = json.loads((out / "results.json").read_text())
-    assert [r["run"] for r in report["rows"]] == list(RUNS)
+    assert [r["run"] for r in report["rows"]] == [n for n, r in RUNS.items() if r["setup"] == "instant"] + \
+        [n for n, r in RUNS.items() if r["setup"] == "instant-fe2"]
     for row in report["rows"]:
         n = RUNS[row["run"]]["workload"]["num_prompts"]
         runs = {side: row["sides"][side]["runs"] for side in ("dynamo", "slurmserve")}
@@ -78,8 +84,13 @@ def test_both_sides_serve_the_same_requests(tmp_path, tiny_model_dir):
             assert s["prompt_tokens_mismatched"] == 0, side
             # text arrived (Dynamo's mocker answers in replayed vocabulary ids, not empty chunks)
             assert s["ttft_ms"]["p50"] > 0 and s["chunks_per_request"] >= 1, side
-            assert set(s["cpu_ms_per_request"]) == {"front", "engines", "client", "other_side"}
-            assert all(v >= 0 for v in s["cpu_ms_per_request"].values())
+            cpu = s["cpu_ms_per_request"]
+            assert set(cpu) == {"front", "engines", "client", "other_side", "front_process"}
+            assert all(v >= 0 for v in cpu.values())
+            if side == "slurmserve" and row["setup"] == "instant-fe2":   # the front ends are children
+                assert cpu["front_process"] < cpu["front"], cpu
+            else:
+                assert cpu["front_process"] == cpu["front"], cpu
         assert runs["dynamo"][0]["prompt_tokens"] == runs["slurmserve"][0]["prompt_tokens"]
     summary = (out / "summary.md").read_text()
     assert all(f"| {name} |" in summary for name in RUNS)
