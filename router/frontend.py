@@ -26,9 +26,9 @@ import zmq
 
 from slurmserve.config import DeploymentConfig
 from slurmserve.router import frontend_protocol as F
-from slurmserve.router.http_app import MAX_BODY_BYTES, HeadApp
 from slurmserve.router.bearer_app import PROMETHEUS_TEXT
-from slurmserve.router.http_server import HTTPServer, Request, Response, listen
+from slurmserve.router.http_app import HeadApp, head_http_server
+from slurmserve.router.http_server import Request, Response, listen
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.remote_orchestrator import RemoteOrchestrator
 from slurmserve.router.tokenizer import Tokenizer
@@ -83,9 +83,7 @@ async def serve(s: Settings) -> int:
             await asyncio.sleep(0.05)
         remote.send(F.Drained(app.inflight))
 
-    server = HTTPServer(app, max_body=MAX_BODY_BYTES, keep_alive_s=30.0,
-                        read_timeout_s=cfg.router.http_read_timeout_s,
-                        max_connections_per_client=cfg.router.max_connections_per_client)
+    server = head_http_server(app, cfg)
     await server.start(listen(s.host, s.port, reuse_port=True))
     remote.connect(F.Hello(s.index, os.getpid()))
     gc.collect()

@@ -23,10 +23,10 @@ from slurmserve.config import DeploymentConfig
 from slurmserve.private_files import write_private
 from slurmserve.kvfabric.kv_index import ApproxKVIndex
 from slurmserve.router.engine_client import EngineClient
-from slurmserve.router.http_app import MAX_BODY_BYTES, HeadApp
+from slurmserve.router.http_app import HeadApp, head_http_server
 from slurmserve.router.frontend_hub import FrontendHub
 from slurmserve.router.frontend_pool import FrontendError, FrontendPool, frontend_count, reserve_port
-from slurmserve.router.http_server import HTTPServer, listen
+from slurmserve.router.http_server import listen
 from slurmserve.router.instance import Instance
 from slurmserve.router.kv_state import KVState
 from slurmserve.router.metrics import HeadMetrics
@@ -211,9 +211,7 @@ class InProcessFront:
 
     def __init__(self, app: HeadApp, cfg: DeploymentConfig):
         self.app = app
-        self.server = HTTPServer(app, max_body=MAX_BODY_BYTES, keep_alive_s=30.0,
-                                 read_timeout_s=cfg.router.http_read_timeout_s,
-                                 max_connections_per_client=cfg.router.max_connections_per_client)
+        self.server = head_http_server(app, cfg)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         listener = listen(host, port)
@@ -240,17 +238,17 @@ class ProcessFront:
     def __init__(self, cfg: DeploymentConfig, orchestrator: Orchestrator, metrics: HeadMetrics, api_key: str,
                  count: int):
         self.cfg, self.orch, self.metrics, self.api_key, self.count = cfg, orchestrator, metrics, api_key, count
-        self.pool: FrontendPool | None = None
-        self.hub: FrontendHub | None = None
+        self.port_sock = self.zctx = self.pool = self.hub = None
+        self.closed = False
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self.port_sock = reserve_port(host, port)
-        host, port = self.port_sock.getsockname()[:2]
-        self.pool = FrontendPool(self.cfg, self.api_key, host, port, self.count)
-        self.zctx, sock = FrontendHub.bind(self.pool.address)
-        self.hub = FrontendHub(self.orch, self.metrics, sock, self.cfg.router.max_concurrent_requests)
-        self.hub.start()
         try:
+            host, port = self.port_sock.getsockname()[:2]
+            self.pool = FrontendPool(self.cfg, self.api_key, host, port, self.count)
+            self.zctx, sock = FrontendHub.bind(self.pool.address)
+            self.hub = FrontendHub(self.orch, self.metrics, sock, self.cfg.router.max_concurrent_requests)
+            self.hub.start()
             await self.pool.start(self.hub)
         except BaseException:
             await self.close()
@@ -261,12 +259,17 @@ class ProcessFront:
         return await self.hub.drain(grace_s)
 
     async def close(self) -> None:
+        """Stop the front ends (they end their connections), then let go of the port."""
+        if self.closed:
+            return
+        self.closed = True
         if self.hub is not None:
             self.hub.close()
         if self.pool is not None:
             await self.pool.stop()
+        if self.zctx is not None:
+            self.zctx.term()
         self.port_sock.close()
-        self.zctx.term()
 
 
 async def watch_failures(client: EngineClient, period_s: float = 0.1) -> str:

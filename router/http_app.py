@@ -19,7 +19,7 @@ import msgspec
 
 from slurmserve.router import openai_api as oa
 from slurmserve.router.bearer_app import JSON, BearerApp
-from slurmserve.router.http_server import Request, Response
+from slurmserve.router.http_server import HTTPServer, Request, Response
 from slurmserve.router.instance import NoInstanceError
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.openai_api import APIError, ChunkWriter
@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 << 20
 WHOLE_ANSWER = 1 << 30    # a stream interval no answer reaches
 SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+def head_http_server(app: BearerApp, cfg) -> HTTPServer:
+    """The HTTP server a head (or each of its front-end processes) runs `app` on."""
+    return HTTPServer(app, max_body=MAX_BODY_BYTES, keep_alive_s=30.0,
+                      read_timeout_s=cfg.router.http_read_timeout_s,
+                      max_connections_per_client=cfg.router.max_connections_per_client)
 
 
 class HeadApp(BearerApp):
