@@ -18,7 +18,6 @@ import os
 import pickle
 import signal
 import sys
-import time
 
 import msgspec
 import uvloop
@@ -27,8 +26,8 @@ import zmq
 from slurmserve.config import DeploymentConfig
 from slurmserve.router import frontend_protocol as F
 from slurmserve.router.bearer_app import PROMETHEUS_TEXT
-from slurmserve.router.http_app import HeadApp, head_http_server
-from slurmserve.router.http_server import Request, Response, listen
+from slurmserve.router.http_app import AppServer, HeadApp
+from slurmserve.router.http_server import Request, Response
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.remote_orchestrator import RemoteOrchestrator
 from slurmserve.router.tokenizer import Tokenizer
@@ -77,19 +76,15 @@ async def serve(s: Settings) -> int:
     app.routes[("GET", "/metrics")] = prometheus
 
     async def drain(grace_s: float) -> None:
-        app.draining = True
-        deadline = time.monotonic() + grace_s
-        while app.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        remote.send(F.Drained(app.inflight))
+        remote.send(F.Drained(await front.drain(grace_s)))
 
-    server = head_http_server(app, cfg)
-    await server.start(listen(s.host, s.port, reuse_port=True))
+    front = AppServer(app, cfg)
+    await front.start(s.host, s.port, reuse_port=True)
     remote.connect(F.Hello(s.index, os.getpid()))
     gc.collect()
     gc.freeze()     # the tokenizer's heap: see Head._serve
     await stopped.wait()
-    server.close()
+    await front.close()
     remote.close()
     zctx.term()
     return 0

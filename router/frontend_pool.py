@@ -73,7 +73,6 @@ class FrontendPool:
         self.dir = tempfile.mkdtemp(prefix=f"{IPC_DIR_PREFIX}{os.getpid()}-", dir=base)    # 0700
         self.address = f"ipc://{self.dir}/router"
         self.procs: dict[int, subprocess.Popen] = {}
-        self.restarts = 0
         self.stopping = False
         self._watcher: asyncio.Task | None = None
 
@@ -126,7 +125,6 @@ class FrontendPool:
                 log.error("HTTP front end %d (pid %d) exited with code %s; starting it again (log: %s)",
                           index, proc.pid, proc.returncode, self.log_file(index))
                 hub.forget(b"frontend-%d" % index)
-                self.restarts += 1
                 self._spawn(index)
 
     async def stop(self, timeout_s: float = 5.0) -> None:

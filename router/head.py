@@ -23,10 +23,9 @@ from slurmserve.config import DeploymentConfig
 from slurmserve.private_files import write_private
 from slurmserve.kvfabric.kv_index import ApproxKVIndex
 from slurmserve.router.engine_client import EngineClient
-from slurmserve.router.http_app import HeadApp, head_http_server
+from slurmserve.router.http_app import AppServer, HeadApp
 from slurmserve.router.frontend_hub import FrontendHub
 from slurmserve.router.frontend_pool import FrontendError, FrontendPool, frontend_count, reserve_port
-from slurmserve.router.http_server import listen
 from slurmserve.router.instance import Instance
 from slurmserve.router.kv_state import KVState
 from slurmserve.router.metrics import HeadMetrics
@@ -96,8 +95,9 @@ class Head:
     async def run(self, world: World) -> int:
         cfg = self.cfg
         api_key = load_api_key(cfg)
+        self.frontends = frontend_count(cfg)
         # before the control loops start: it blocks for a while (front-end processes load their own)
-        tokenizer = Tokenizer(cfg.model.path) if frontend_count(cfg) == 1 else None
+        tokenizer = Tokenizer(cfg.model.path) if self.frontends == 1 else None
         metrics = HeadMetrics(cfg.model.served_name)
         instances = [Instance(index=i, role=role, identity=f"instance-{i}".encode(), address=r.address)
                      for i, (role, r) in enumerate(zip(cfg.pools.instances(), world.instance_leaders(cfg)))]
@@ -128,9 +128,9 @@ class Head:
         orchestrator = Orchestrator(client, router, metrics, cfg.pools.disaggregated, cfg.router.disagg,
                                     cfg.router.kv.busy_threshold, migration_limit=cfg.router.migration_limit)
         host = cfg.router.host or world.head.address
-        count = frontend_count(cfg)
+        count = self.frontends
         try:
-            front = InProcessFront(HeadApp.from_config(cfg, orchestrator, tokenizer, metrics, api_key), cfg) \
+            front = AppServer(HeadApp.from_config(cfg, orchestrator, tokenizer, metrics, api_key), cfg) \
                 if count == 1 else ProcessFront(cfg, orchestrator, metrics, api_key, count)
             host, port = await front.start(host, cfg.router.port)
         except OSError as e:
@@ -204,30 +204,6 @@ class Head:
         if reg is not None:   # exited, or requeued after a preemption warning when the job asks
             reg.finished(preempted=drain["signal"] == signal.SIGUSR2, cut_requests=cut)
         return code
-
-
-class InProcessFront:
-    """The head serves HTTP from its own loop (router.http_workers 1)."""
-
-    def __init__(self, app: HeadApp, cfg: DeploymentConfig):
-        self.app = app
-        self.server = head_http_server(app, cfg)
-
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        listener = listen(host, port)
-        await self.server.start(listener)
-        return listener.getsockname()[:2]
-
-    async def drain(self, grace_s: float) -> int:
-        """Refuse new requests, wait up to `grace_s` for running ones; how many are left."""
-        self.app.draining = True
-        deadline = time.monotonic() + grace_s
-        while self.app.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return self.app.inflight
-
-    async def close(self) -> None:
-        self.server.close()
 
 
 class ProcessFront:

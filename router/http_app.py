@@ -19,7 +19,7 @@ import msgspec
 
 from slurmserve.router import openai_api as oa
 from slurmserve.router.bearer_app import JSON, BearerApp
-from slurmserve.router.http_server import HTTPServer, Request, Response
+from slurmserve.router.http_server import HTTPServer, Request, Response, listen
 from slurmserve.router.instance import NoInstanceError
 from slurmserve.router.metrics import HeadMetrics
 from slurmserve.router.openai_api import APIError, ChunkWriter
@@ -33,13 +33,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 << 20
 WHOLE_ANSWER = 1 << 30    # a stream interval no answer reaches
 SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-
-
-def head_http_server(app: BearerApp, cfg) -> HTTPServer:
-    """The HTTP server a head (or each of its front-end processes) runs `app` on."""
-    return HTTPServer(app, max_body=MAX_BODY_BYTES, keep_alive_s=30.0,
-                      read_timeout_s=cfg.router.http_read_timeout_s,
-                      max_connections_per_client=cfg.router.max_connections_per_client)
 
 
 class HeadApp(BearerApp):
@@ -564,3 +557,30 @@ class StreamedAnswer(_Answer):
         self._finished(finish)
         if choices is not None and finish == "error":
             choices.stop_all()
+
+
+class AppServer:
+    """A HeadApp on its HTTP server, as a head (router.http_workers 1) or each of its front-end
+    processes runs it: listen, drain, close."""
+
+    def __init__(self, app: HeadApp, cfg):
+        self.app = app
+        self.server = HTTPServer(app, max_body=MAX_BODY_BYTES, keep_alive_s=30.0,
+                                 read_timeout_s=cfg.router.http_read_timeout_s,
+                                 max_connections_per_client=cfg.router.max_connections_per_client)
+
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> tuple[str, int]:
+        listener = listen(host, port, reuse_port)
+        await self.server.start(listener)
+        return listener.getsockname()[:2]
+
+    async def drain(self, grace_s: float) -> int:
+        """Refuse new requests, wait up to `grace_s` for running ones; how many are left."""
+        self.app.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.app.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.app.inflight
+
+    async def close(self) -> None:
+        self.server.close()
