@@ -45,11 +45,12 @@ class Settings(msgspec.Struct):
     host: str
     port: int
     parent_pid: int
+    tokenizer_threads: int   # the head's CPUs shared among the front ends
 
 
 async def serve(s: Settings) -> int:
     cfg: DeploymentConfig = pickle.loads(s.config)
-    tokenizer = Tokenizer(cfg.model.path)
+    tokenizer = Tokenizer(cfg.model.path, s.tokenizer_threads)
     metrics = HeadMetrics(cfg.model.served_name)
     zctx = zmq.Context()
     sock = zctx.socket(zmq.DEALER)

@@ -26,6 +26,7 @@ from slurmserve.config import DeploymentConfig
 from slurmserve.stale_dirs import remove_stale_dirs
 from slurmserve.router.frontend import Settings
 from slurmserve.router.frontend_hub import FrontendHub
+from slurmserve.router.tokenizer import default_threads
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class FrontendPool:
 
     def _spawn(self, index: int) -> None:
         settings = Settings(index, pickle.dumps(self.cfg), self.api_key, self.address, self.host,
-                            self.port, os.getpid())
+                            self.port, os.getpid(), default_threads(share=self.count))
         proc = subprocess.Popen([sys.executable, "-m", "slurmserve.router.frontend"], stdin=subprocess.PIPE)
         proc.stdin.write(msgspec.json.encode(settings))
         proc.stdin.close()

@@ -55,6 +55,11 @@ class TooLong(Exception):
 _PLAIN_FAST = {"PreTrainedTokenizerFast", "TokenizersBackend"}
 
 
+def default_threads(share: int = 1) -> int:
+    """Tokenizer threads for one of `share` processes on this process's CPUs: at most 4."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) // share))
+
+
 def _load_fast_tokenizer(path: Path):
     try:
         cls = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
@@ -80,10 +85,13 @@ class Tokenizer:
     # the loop than on it (docs/benchmarks.md). Parallel tokenizing is the front-end processes' job
     # (router.http_workers); the threads only keep a long prompt from stalling the loop.
     INLINE_CHARS = 8192
-    POOL_THREADS = 4
 
-    def __init__(self, model_dir: str | os.PathLike):
+    def __init__(self, model_dir: str | os.PathLike, threads: int | None = None):
         self.path = Path(model_dir)
+        # No more threads than cores: on more, a burst of long prompts finishes later, each one
+        # slowed by the others, and an engine starts its first prefill step later (TTFT p99 of the
+        # KV-routing burst: docs/benchmarks.md). The pool runs them first come, first served.
+        self.threads = threads or default_threads()
         if not self.path.is_dir():
             raise FileNotFoundError(f"tokenizer: {self.path} is not a directory")
         self.hf = _load_fast_tokenizer(self.path)
@@ -159,7 +167,7 @@ class Tokenizer:
         if size <= self.INLINE_CHARS:
             return fn(*args)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.POOL_THREADS, thread_name_prefix="tokenize")
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tokenize")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def render_chat_template(self, messages: Sequence[dict[str, Any]],

@@ -312,3 +312,26 @@ def test_a_plain_fast_tokenizer_loads_without_torch(tiny_model_dir):
     expected = auto.apply_chat_template([{"role": "user", "content": "hi there"}], tokenize=True,
                                         add_generation_prompt=True, return_dict=True)["input_ids"]
     assert chat == expected
+
+
+def test_tokenizer_threads_never_outnumber_the_cores(tok):
+    """More tokenizer threads than cores slowed every prompt of a burst (the KV-routing TTFT p99):
+    a burst of long prompts runs on at most as many threads as the process has CPUs."""
+    import asyncio
+    import threading
+    import time
+
+    import os
+
+    from slurmserve.router.tokenizer import default_threads
+    cpus = len(os.sched_getaffinity(0))
+    assert 1 <= tok.threads <= min(4, cpus)
+    assert default_threads(share=cpus) == 1 and default_threads(share=10 * cpus) == 1
+
+    def work():
+        time.sleep(0.02)
+        return threading.get_ident()
+
+    async def burst():
+        return await asyncio.gather(*(tok.off_loop(tok.INLINE_CHARS + 1, work) for _ in range(16)))
+    assert len(set(asyncio.run(burst()))) <= min(4, cpus)
