@@ -211,8 +211,15 @@ def _machine() -> dict:
             "commit": commit}
 
 
-def run_peer(path: Path, out_dir: Path, rounds: int | None = None, scale: float = 1.0) -> dict:
+def run_peer(path: Path, out_dir: Path, rounds: int | None = None, scale: float = 1.0,
+             only: list[str] | None = None) -> dict:
     peer = load_peer_file(path)
+    if only:
+        unknown = sorted(set(only) - set(peer.runs))
+        if unknown:
+            raise SystemExit(f"slurmserve bench peer: {path} has no run {', '.join(unknown)} "
+                             f"(runs: {', '.join(peer.runs)})")
+        peer.runs = {n: r for n, r in peer.runs.items() if n in only}
     if not dynamo_peer.available():
         raise SystemExit("slurmserve bench peer: Dynamo is not installed: pip install 'slurmserve[dynamo]' "
                          "&& pip install --no-deps ai-dynamo==1.6.1")
@@ -312,5 +319,7 @@ def register(bsub) -> None:
     p.add_argument("--rounds", type=positive_int, help="override the file's rounds")
     p.add_argument("--scale", type=positive_float, default=1.0,
                    help="multiply every run's num_prompts (e.g. 0.05 for a smoke run)")
+    p.add_argument("--run", action="append", metavar="NAME",
+                   help="only this run of the file (repeatable); its setup alone is started")
     p.set_defaults(func=lambda a: run_peer(a.file, a.out or Path("runs/bench") / a.file.stem,
-                                           a.rounds, a.scale) and 0)
+                                           a.rounds, a.scale, a.run) and 0)

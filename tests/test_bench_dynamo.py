@@ -52,6 +52,12 @@ def test_peer_file_mistakes_are_named_before_anything_starts(tmp_path, tiny_mode
         load_peer_file(peer_file(tmp_path, tiny_model_dir, runs={"x": dict(RUNS["ids"], concurrency=0)}))
 
 
+def test_a_run_that_the_file_lacks_is_named_before_anything_starts(tmp_path, tiny_model_dir):
+    with pytest.raises(SystemExit, match=r"has no run nope \(runs: chat, chat-fe2, ids, prefix\)"):
+        run_peer(peer_file(tmp_path, tiny_model_dir), tmp_path / "out", only=["ids", "nope"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_shipped_peer_file_checks():
     peer = load_peer_file(Path(__file__).resolve().parent.parent / "bench/scenarios/head-vs-dynamo.yaml")
     assert peer.workers == 4 and peer.rounds == 3
