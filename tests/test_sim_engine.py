@@ -253,6 +253,32 @@ def test_prefix_cache_hit_and_block_stored(model_dir):
     asyncio.run(main())
 
 
+def test_a_prefix_scheduled_in_a_step_is_a_hit_for_requests_admitted_after_it(model_dir):
+    """vLLM v1 caches the blocks a step fills while scheduling it (allocate_slots), so a request
+    admitted later in the same step reuses a prefix that an earlier one is prefilling. The sim
+    cached them only after the step: two requests sharing a prompt prefix that arrived together
+    both prefilled it, and the step was modelled longer than vLLM's (the cold burst of the
+    KV-routing workload)."""
+    from slurmserve.runtime.sim.request import SimRequest
+    from slurmserve.runtime.sim.scheduler import prefill_step_ms
+
+    e = make_engine(model_dir)
+    sched = e.scheduler
+    shared = list(range(10, 10 + 64))                       # 4 full blocks of 16
+    a = SimRequest(EngineRequest("a", shared + [300, 301], params(2)), 0, 2)
+    b = SimRequest(EngineRequest("b", shared + [400, 401, 402], params(2)), 1, 2)
+    sched.add(a)
+    sched.add(b)
+    ms, produced = sched.step()
+    assert {r.req_id for r in produced} == {"a", "b"}
+    assert (a.num_cached, b.num_cached) == (0, 64)
+    assert ms == pytest.approx(prefill_step_ms(sched.prefill_coeffs, 66 + 3))
+    # the shared blocks are held by both, and announced once
+    assert a.block_ids[:4] == b.block_ids[:4]
+    stored = [ev for ev in sched.blocks.take_events() if isinstance(ev, BlockStored)]
+    assert [h for ev in stored for h in ev.block_hashes] == block_hashes(shared, 16, DEFAULT_HASH_SEED)
+
+
 def test_decode_fills_block_event(model_dir):
     async def main():
         e = make_engine(model_dir, events=True)

@@ -11,8 +11,10 @@ One `step()` is one engine step:
     a prefix-cache hit gives a request its cached blocks). A long prompt is prefilled over several
     steps when the budget is smaller than it. Like vLLM, the last prompt token is always computed,
     so a prompt is never entirely a cache hit.
-  * Then every scheduled request advances: full blocks enter the prefix cache, and a request whose
-    tokens are all computed samples its next token (sampler.py).
+  * The blocks a scheduled request fills in the step enter the prefix cache as it is scheduled, as
+    in vLLM v1 (allocate_slots caches them): a request admitted after it in the same step can hit
+    them. Then every scheduled request advances, and one whose tokens are all computed samples its
+    next token (sampler.py).
   * A remote-prefilled request (its KV comes from a prefill instance) counts its whole prompt as
     computed: either the connector pulls the real bytes (kv_connector.py; it waits in LOADING and
     `loaded` puts it back) or the admitting step pays `remote_block_transfer_ms` per pulled block.
@@ -196,6 +198,14 @@ class Scheduler:
         self.prefix_query_tokens += ntok
         return n, transfer_ms
 
+    def _cache_scheduled(self, req: SimRequest, n: int) -> None:
+        """Enter the blocks that this step fills into the prefix cache now, while scheduling, as
+        vLLM v1's allocate_slots does: a request admitted later in the same step can hit them (its
+        attention reads them in the same forward pass)."""
+        full = (req.num_computed + n) // self.block_size
+        if full > req.num_stored:
+            self.blocks.store(req, full)
+
     def _preempt(self, req: SimRequest) -> None:
         self.blocks.free(req)
         req.num_computed = 0
@@ -234,6 +244,7 @@ class Scheduler:
                     break               # it preempted itself, so it was the last running request
                 req.block_ids += blocks.alloc(need)
             sched.append((req, n))
+            self._cache_scheduled(req, n)
             budget -= n
             i += 1
 
@@ -253,6 +264,7 @@ class Scheduler:
                 req.state = RUNNING
                 running.append(req)
                 sched.append((req, n))
+                self._cache_scheduled(req, n)
                 budget -= n
                 transfer_ms += t_ms
 
@@ -278,9 +290,6 @@ class Scheduler:
             if write_kv and n:
                 connector.write_kv(req, before, after)
             req.num_computed = after
-            full = after // bs
-            if full > req.num_stored:
-                blocks.store(req, full)
             if after == ntok:
                 self.sampler.sample(req)
                 if req.finish is not None and req.prefill_only:
