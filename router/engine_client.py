@@ -144,12 +144,13 @@ class EngineClient:
 
     async def close(self, reason: str, grace_s: float, failed: bool = False) -> None:
         """Ask every instance to shut down and wait (up to grace_s) for their goodbyes; `failed`:
-        the deployment failed, so the ranks exit with an error."""
+        the deployment failed, so the ranks exit with an error. Instances still starting are waited
+        for too: the socket's LINGER is 0, so closing it at once could drop their Shutdown."""
         self.closing = True
         for inst in self.instances:   # down ones too: one that is only late still hears it
             self.sock.send_to(inst.identity, P.encode(P.Shutdown(reason, failed)))
         deadline = time.monotonic() + grace_s
-        while any(i.up for i in self.instances) and time.monotonic() < deadline:
+        while any(i.heard for i in self.instances) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for t in self._tasks:
             t.cancel()
@@ -253,6 +254,7 @@ class EngineClient:
 
     def _heartbeat(self, inst: Instance, hb: P.Heartbeat) -> None:
         inst.last_seen = self._silence_clock()
+        inst.heard = True
         load = hb.load
         inst.running, inst.waiting, inst.kv_usage = load.running, load.waiting, load.kv_usage
         inst.num_kv_blocks, inst.block_size = load.num_kv_blocks, load.block_size
@@ -312,6 +314,7 @@ class EngineClient:
         self._drop(inst, error)
 
     def _drop(self, inst: Instance, reason: str) -> None:
+        inst.heard = False   # it left, failed or fell silent: nobody to wait for at close
         if not inst.up:
             return
         inst.down_reason = reason

@@ -92,6 +92,7 @@ class Instance(HeadLoad):
     failed: str | None = None       # why it gave up before it was ever up (one line, for the user)
     down_reason: str = ""           # why it last left rotation
     last_seen: float = 0.0
+    heard: bool = False             # it has sent heartbeats and not yet left: close() awaits its goodbye
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0

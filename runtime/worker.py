@@ -165,6 +165,9 @@ class Worker:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.connected = True
         elif event == zmq.EVENT_DISCONNECTED:
+            # The monitor is another socket: its event can be read before the head's last messages
+            # (a Shutdown saying why) that arrived ahead of it. Read those first.
+            self.sock.read_pending()
             self._give_up("the head closed its connection (its process ended)")
         elif event == zmq.EVENT_CONNECT_RETRIED and not self.connected:
             # The head binds its port before the ranks learn it and keeps it until it exits:

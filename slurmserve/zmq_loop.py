@@ -88,6 +88,11 @@ class LoopSocket:
                 log.exception("message handler failed")
         return _DRAIN_BATCH
 
+    def read_pending(self) -> None:
+        """Handle the messages queued now, without waiting for the loop to call back."""
+        if not self._closed and self.sock.getsockopt(_EVENTS) & _POLLIN:
+            self._drain()
+
     def send_to(self, identity: bytes, payload: bytes) -> None:
         """ROUTER: one message to the peer with this identity."""
         self.sock.send(identity, _NOBLOCK_MORE)

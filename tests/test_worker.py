@@ -5,6 +5,8 @@ merged), and the head's EngineClient with the test playing a worker (it confirms
 from __future__ import annotations
 
 import asyncio
+import struct
+import threading
 import time
 
 import zmq
@@ -50,7 +52,7 @@ class FakeHead:
     async def start_worker(self, engine, heartbeat_interval_s: float = 60.0) -> asyncio.Task:
         """Run a Worker for instance 0 and wait for its first heartbeat (kept in `first_heartbeat`):
         the ROUTER drops what is sent to a peer before it has connected."""
-        worker = Worker(lambda: engine, self.endpoints["control"], self.endpoints["control_key"].encode(),
+        self.worker = worker = Worker(lambda: engine, self.endpoints["control"], self.endpoints["control_key"].encode(),
                         instance=0, heartbeat_interval_s=heartbeat_interval_s, head_timeout_s=60.0)
         run = asyncio.create_task(worker.run())
         self.first_heartbeat = await self.next(P.Heartbeat)
@@ -194,3 +196,67 @@ def test_first_ready_heartbeat_declares_the_engine(tiny_model_dir):
         assert all(b.info is None for b in ready[1:])
 
     with_worker(tiny_model_dir, body, engine, heartbeat_interval_s=0.05)
+
+
+def test_a_worker_told_to_stop_reads_why_before_it_sees_the_head_go(tiny_model_dir):
+    """The head sends Shutdown(failed) and exits. The disconnect comes on the monitor socket, which
+    the loop may read first: the worker must still act on the Shutdown queued before it, and not
+    report the head as vanished (regression: one of two workers did, in CI)."""
+
+    async def body(head):
+        head.send(IDENTITY, P.Shutdown("the head failed: test", failed=True))
+        time.sleep(0.3)   # blocks the loop: the Shutdown sits unread in the worker's socket
+        disconnected = struct.pack("=hi", zmq.EVENT_DISCONNECTED, 0)
+        head.worker._on_monitor_event(disconnected, head.endpoints["control"].encode())
+        assert head.worker.gave_up is None
+        assert head.worker.deployment_failed is True
+
+    with_worker(tiny_model_dir, body)
+
+
+def test_closing_waits_for_the_goodbye_of_an_instance_still_starting():
+    """A failed head tells every instance to stop, the ones still loading their engine included,
+    and closes its socket only after they said goodbye (or the grace ran out): its LINGER is 0,
+    so a socket closed at once drops the Shutdown it just queued (regression: close waited only
+    for instances that were up, so a starting worker never heard why the head went)."""
+    zctx, sock, endpoints = Head.bind_control_socket("127.0.0.1")
+    dealer = zctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, IDENTITY)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.curve_serverkey = endpoints["control_key"].encode()
+    dealer.curve_publickey, dealer.curve_secretkey = zmq.curve_keypair()
+    dealer.connect(endpoints["control"])
+    heard: list = []
+
+    def starting_worker():
+        """Heartbeats ready=False until a Shutdown comes; then a goodbye, after a delay."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            dealer.send(P.encode(P.Heartbeat(0, P.Load(), ready=False)))
+            if dealer.poll(50) and type(msg := P.decode_to_worker(dealer.recv())) is P.Shutdown:
+                heard.append(msg)
+                time.sleep(0.3)
+                heard.append(time.monotonic())
+                dealer.send(P.encode(P.Goodbye(0, "shutdown")))
+                return
+
+    async def main():
+        inst = Instance(index=0, role="worker", identity=IDENTITY, address="127.0.0.1")
+        client = EngineClient(sock, [inst], HeadMetrics("m"), heartbeat_timeout_s=60.0)
+        client.start()
+        thread = threading.Thread(target=starting_worker)
+        thread.start()
+        while not inst.last_seen:
+            await asyncio.sleep(0.01)
+        await client.close("the head failed: test", grace_s=5.0, failed=True)
+        closed = time.monotonic()
+        thread.join()
+        assert heard and heard[0].failed and heard[0].reason == "the head failed: test"
+        assert closed >= heard[1], "the socket stayed open until the goodbye"
+
+    try:
+        asyncio.run(main())
+    finally:
+        dealer.close(linger=0)
+        sock.close(linger=0)
+        zctx.term()
