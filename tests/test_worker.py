@@ -135,15 +135,32 @@ def test_a_ping_reopens_the_window_when_a_confirmation_is_lost(tiny_model_dir):
     with_worker(tiny_model_dir, body)
 
 
-def test_the_head_confirms_each_full_window_once_it_has_read_it():
-    """Without confirmations a worker would wait for the next ping (a quarter second) every
-    OUTPUT_WINDOW steps: everything would still work, only slowly, so this is checked directly."""
+def head_and_dealer():
+    """The head's control socket and a DEALER connected to it as instance 0 (the test plays the worker)."""
     zctx, sock, endpoints = Head.bind_control_socket("127.0.0.1")
     dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.IDENTITY, IDENTITY)
+    dealer.setsockopt(zmq.LINGER, 0)
     dealer.curve_serverkey = endpoints["control_key"].encode()
     dealer.curve_publickey, dealer.curve_secretkey = zmq.curve_keypair()
     dealer.connect(endpoints["control"])
+    return zctx, sock, dealer
+
+
+def run_client(main, zctx, sock, dealer) -> None:
+    """asyncio.run(main()), then close the sockets whatever happened."""
+    try:
+        asyncio.run(main())
+    finally:
+        dealer.close(linger=0)
+        sock.close(linger=0)
+        zctx.term()
+
+
+def test_the_head_confirms_each_full_window_once_it_has_read_it():
+    """Without confirmations a worker would wait for the next ping (a quarter second) every
+    OUTPUT_WINDOW steps: everything would still work, only slowly, so this is checked directly."""
+    zctx, sock, dealer = head_and_dealer()
 
     def confirmations(wait_s: float) -> list[int]:
         """The `read` counts of the Consumed messages that arrive within wait_s (pings skipped)."""
@@ -168,17 +185,14 @@ def test_the_head_confirms_each_full_window_once_it_has_read_it():
         assert await loop.run_in_executor(None, confirmations, 0.3) == [P.OUTPUT_WINDOW]
         for _ in range(2 * P.OUTPUT_WINDOW):
             dealer.send(step)
-        # one confirmation per drain that filled a window, carrying everything read so far
+        # one confirmation per drain that filled a window, carrying everything read so far; the
+        # drains may split the messages so that the last few fill no window, and that is fine
+        # as long as what stays unconfirmed leaves the worker room to send
         got = await loop.run_in_executor(None, confirmations, 0.3)
-        assert got and got == sorted(got) and got[-1] == 3 * P.OUTPUT_WINDOW
+        assert got and got == sorted(got) and 3 * P.OUTPUT_WINDOW - got[-1] < P.OUTPUT_WINDOW
         await client.close("test over", grace_s=0)
 
-    try:
-        asyncio.run(main())
-    finally:
-        dealer.close(linger=0)
-        sock.close(linger=0)
-        zctx.term()
+    run_client(main, zctx, sock, dealer)
 
 
 def test_first_ready_heartbeat_declares_the_engine(tiny_model_dir):
@@ -219,13 +233,7 @@ def test_closing_waits_for_the_goodbye_of_an_instance_still_starting():
     and closes its socket only after they said goodbye (or the grace ran out): its LINGER is 0,
     so a socket closed at once drops the Shutdown it just queued (regression: close waited only
     for instances that were up, so a starting worker never heard why the head went)."""
-    zctx, sock, endpoints = Head.bind_control_socket("127.0.0.1")
-    dealer = zctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.IDENTITY, IDENTITY)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.curve_serverkey = endpoints["control_key"].encode()
-    dealer.curve_publickey, dealer.curve_secretkey = zmq.curve_keypair()
-    dealer.connect(endpoints["control"])
+    zctx, sock, dealer = head_and_dealer()
     heard: list = []
 
     def starting_worker():
@@ -254,9 +262,4 @@ def test_closing_waits_for_the_goodbye_of_an_instance_still_starting():
         assert heard and heard[0].failed and heard[0].reason == "the head failed: test"
         assert closed >= heard[1], "the socket stayed open until the goodbye"
 
-    try:
-        asyncio.run(main())
-    finally:
-        dealer.close(linger=0)
-        sock.close(linger=0)
-        zctx.term()
+    run_client(main, zctx, sock, dealer)
