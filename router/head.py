@@ -102,7 +102,8 @@ class Head:
         instances = [Instance(index=i, role=role, identity=f"instance-{i}".encode(), address=r.address)
                      for i, (role, r) in enumerate(zip(cfg.pools.instances(), world.instance_leaders(cfg)))]
         kv = cfg.router.kv
-        kv_state = KVState(metrics, ApproxKVIndex(kv.approx_ttl_s) if kv.index == "approximate" else None)
+        kv_state = KVState(metrics, ApproxKVIndex(kv.approx_ttl_s) if kv.index == "approximate" else None,
+                           zctx=self.zctx)
         client = EngineClient(self.sock, instances, metrics, cfg.runtime.heartbeat_timeout_s,
                               on_instance_down=kv_state.forget, on_instance_declared=kv_state.declare)
         client.min_instances = cfg.runtime.min_instances or len(instances)

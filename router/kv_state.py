@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+import zmq
+
 from slurmserve.kvfabric.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSubscriber
 from slurmserve.kvfabric.kv_index import ApproxKVIndex, KVIndex
 from slurmserve.router.metrics import HeadMetrics
@@ -20,13 +22,16 @@ log = logging.getLogger(__name__)
 
 
 class KVState:
-    def __init__(self, metrics: HeadMetrics, index: KVIndex | ApproxKVIndex | None = None):
+    def __init__(self, metrics: HeadMetrics, index: KVIndex | ApproxKVIndex | None = None,
+                 zctx: zmq.Context | None = None):
         self.metrics = metrics
         self.index = KVIndex() if index is None else index
         self._from_events = type(self.index) is KVIndex
         self._tally = metrics.kv_events.tally
         self.unmatched: set[int] = set()  # instances whose block hashes the head cannot reproduce
-        self.subscriber = KVEventSubscriber(self.on_batch, self.on_gap)
+        # On the head's ZeroMQ context when given: one I/O thread takes an engine step's outputs and
+        # its KV events together, where two would each wake for their half.
+        self.subscriber = KVEventSubscriber(self.on_batch, self.on_gap, ctx=zctx)
 
     def watch(self, instance: int, endpoint: str, server_key: bytes | None) -> None:
         for cls in (BlockStored, BlockRemoved, AllBlocksCleared):
