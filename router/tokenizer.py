@@ -30,6 +30,12 @@ from typing import Any
 
 REPLACEMENT_CHAR = "\ufffd"   # what decoding an incomplete UTF-8 sequence ends with
 
+try:   # tokenizers 0.21 has DecodeStream, later releases prime it with ids=
+    from tokenizers.decoders import DecodeStream as _DecodeStream
+    _DecodeStream(ids=[], skip_special_tokens=True)
+except (ImportError, TypeError):   # IncrementalDetokenizer then decodes every step itself
+    _DecodeStream = None
+
 # Template arguments that would change what apply_chat_template returns: not for requests.
 _RESERVED_TEMPLATE_KWARGS = frozenset({"tokenize", "return_dict", "return_tensors", "padding",
                                        "truncation", "max_length", "return_assistant_tokens_mask",
@@ -301,18 +307,61 @@ class IncrementalDetokenizer:
         ctx = [t for t in (prompt_ids or ())[-self.PROMPT_CONTEXT:] if t not in self._drop]
         self._ids: list[int] = ctx
         self._read = len(ctx)
-        self._prefix_text = self._decode(ctx) if ctx else ""
+        self._prefix_text: str | None = self._decode(ctx) if ctx else ""   # None: not decoded yet
+        self._stream = self._open_stream()
 
     def _decode(self, ids: list[int]) -> str:
         return self._backend.decode(ids, skip_special_tokens=self._skip)
+
+    def _open_stream(self):
+        """tokenizers' own incremental decoder, primed with the window's context, for the common
+        step: one token, nothing pending. It follows the same rule as `step` (emit what the window
+        adds unless it ends in U+FFFD; the last delta's tokens are the next context) in one call
+        into Rust, where `step` decodes twice from Python. None where it cannot start from this
+        window: tokens pending, a context text that ends in U+FFFD (it would take the context as
+        new text), or a tokenizers release without `DecodeStream(ids=...)`."""
+        if _DecodeStream is None or len(self._ids) != self._read:
+            return None
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._ids)
+        if self._prefix_text.endswith(REPLACEMENT_CHAR):
+            return None
+        return _DecodeStream(ids=list(self._ids), skip_special_tokens=self._skip)
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Add output tokens; return the text they complete (possibly "")."""
         drop = self._drop
         if drop and not drop.isdisjoint(new_ids):
-            self._ids.extend(t for t in new_ids if t not in drop)
-        else:
-            self._ids.extend(new_ids)
+            new_ids = [t for t in new_ids if t not in drop]
+        if not new_ids:
+            return ""
+        ids = self._ids
+        if len(new_ids) == 1 and len(ids) - self._read < self.MAX_PENDING:
+            stream = self._stream
+            if stream is None and len(ids) == self._read:
+                stream = self._stream = self._open_stream()
+            if stream is not None:
+                token = new_ids[0]
+                try:
+                    piece = stream.step(self._backend, token)
+                except Exception:   # a decode that is not monotonic (invalid UTF-8): the way below
+                    piece = False
+                if piece is None:   # nothing new yet: the token waits in the window
+                    ids.append(token)
+                    return ""
+                if piece is not False:   # emitted: the tokens since the last delta are the context
+                    del ids[:self._read]
+                    ids.append(token)
+                    self._read = len(ids)
+                    self._prefix_text = None
+                    return piece
+        self._stream = None   # the window moves on without it
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(ids[:self._read])
+        ids.extend(new_ids)
+        return self._step_window()
+
+    def _step_window(self) -> str:
         pending = len(self._ids) - self._read
         if pending == 0:
             return ""
@@ -327,6 +376,9 @@ class IncrementalDetokenizer:
         """The end of the output: emit whatever is held back, incomplete characters included."""
         if len(self._ids) == self._read:
             return ""
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._ids[:self._read])
+        self._stream = None
         return self._advance(len(self._ids), self._decode(self._ids))
 
     def _advance(self, end: int, text: str) -> str:

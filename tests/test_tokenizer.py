@@ -158,6 +158,37 @@ def test_invalid_utf8_output_matches_one_shot(byte_tok):
         assert "".join(out) == byte_tok.decode(ids), ids
 
 
+def test_decode_stream_gives_the_same_deltas_as_decoding_the_window(tok, byte_tok, monkeypatch):
+    """The one-token step through tokenizers' DecodeStream emits exactly what decoding the window
+    twice from Python does, delta for delta, including characters split over tokens, invalid
+    UTF-8, skipped special tokens and chunks of several tokens between single ones."""
+    from slurmserve.router import tokenizer as module
+
+    assert module._DecodeStream is not None   # the tokenizers this project installs has it
+    rng = random.Random(3)
+    for t in (tok, byte_tok):
+        vocab = t.backend.get_vocab()
+        pools = [range(t.vocab_size), [i for s, i in vocab.items() if len(s) == 1 and ord(s) > 160] or [0]]
+        for trial in range(200):
+            pool = pools[trial % 2]
+            ids = [rng.choice(pool) for _ in range(rng.randrange(1, 80))]
+            prompt = [rng.randrange(t.vocab_size) for _ in range(rng.randrange(0, 8))]
+            sizes = [rng.choice([1, 1, 1, 2, 5]) for _ in ids]
+            skip = trial % 3 != 0
+            runs = []
+            for stream_class in (module._DecodeStream, None):
+                monkeypatch.setattr(module, "_DecodeStream", stream_class)
+                d = IncrementalDetokenizer(t, skip_special_tokens=skip, prompt_ids=prompt)
+                out, i = [], 0
+                for n in sizes:
+                    if i >= len(ids):
+                        break
+                    out.append(d.step(ids[i:i + n]))
+                    i += n
+                runs.append(out + [d.flush()])
+            assert runs[0] == runs[1], (ids, prompt, sizes, skip)
+
+
 def test_prompt_context_and_finish(tok):
     prompt = tok.encode("the quick brown")
     out = tok.encode(" fox jumps")
