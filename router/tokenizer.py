@@ -308,10 +308,16 @@ class IncrementalDetokenizer:
         self._ids: list[int] = ctx
         self._read = len(ctx)
         self._prefix_text: str | None = self._decode(ctx) if ctx else ""   # None: not decoded yet
-        self._stream = self._open_stream()
+        self._stream = None   # opened by the first one-token step
 
     def _decode(self, ids: list[int]) -> str:
         return self._backend.decode(ids, skip_special_tokens=self._skip)
+
+    def _context_text(self) -> str:
+        """The text of the window's context, decoded when first needed after the stream moved it."""
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._ids[:self._read])
+        return self._prefix_text
 
     def _open_stream(self):
         """tokenizers' own incremental decoder, primed with the window's context, for the common
@@ -320,11 +326,8 @@ class IncrementalDetokenizer:
         into Rust, where `step` decodes twice from Python. None where it cannot start from this
         window: tokens pending, a context text that ends in U+FFFD (it would take the context as
         new text), or a tokenizers release without `DecodeStream(ids=...)`."""
-        if _DecodeStream is None or len(self._ids) != self._read:
-            return None
-        if self._prefix_text is None:
-            self._prefix_text = self._decode(self._ids)
-        if self._prefix_text.endswith(REPLACEMENT_CHAR):
+        if _DecodeStream is None or len(self._ids) != self._read or \
+                self._context_text().endswith(REPLACEMENT_CHAR):
             return None
         return _DecodeStream(ids=list(self._ids), skip_special_tokens=self._skip)
 
@@ -345,26 +348,20 @@ class IncrementalDetokenizer:
                 try:
                     piece = stream.step(self._backend, token)
                 except Exception:   # a decode that is not monotonic (invalid UTF-8): the way below
-                    piece = False
-                if piece is None:   # nothing new yet: the token waits in the window
-                    ids.append(token)
-                    return ""
-                if piece is not False:   # emitted: the tokens since the last delta are the context
-                    del ids[:self._read]
+                    pass
+                else:
+                    if piece is None:   # nothing new yet: the token waits in the window
+                        ids.append(token)
+                        return ""
+                    del ids[:self._read]   # emitted: the tokens since the last delta are the context
                     ids.append(token)
                     self._read = len(ids)
                     self._prefix_text = None
                     return piece
         self._stream = None   # the window moves on without it
-        if self._prefix_text is None:
-            self._prefix_text = self._decode(ids[:self._read])
+        self._context_text()
         ids.extend(new_ids)
-        return self._step_window()
-
-    def _step_window(self) -> str:
         pending = len(self._ids) - self._read
-        if pending == 0:
-            return ""
         text = self._decode(self._ids)
         if len(text) > len(self._prefix_text) and not text.endswith(REPLACEMENT_CHAR):
             return self._advance(len(self._ids), text)
@@ -376,8 +373,7 @@ class IncrementalDetokenizer:
         """The end of the output: emit whatever is held back, incomplete characters included."""
         if len(self._ids) == self._read:
             return ""
-        if self._prefix_text is None:
-            self._prefix_text = self._decode(self._ids[:self._read])
+        self._context_text()
         self._stream = None
         return self._advance(len(self._ids), self._decode(self._ids))
 
