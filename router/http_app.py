@@ -493,11 +493,20 @@ class StreamedAnswer(_Answer):
         self.include_usage = req.stream_options is not None and req.stream_options.include_usage
         self.opened = False
         self.echo_sent = False
+        # The detokenizer alone, for an answer whose chunks are its text and nothing else (no stop
+        # strings to watch, logprobs or tools): each of its steps but the last takes the short way.
+        self.plain_text = self.text.plain if self.top is None and self.tools is None and not self.echo_only \
+            else None
 
     def set_index(self, index: int) -> None:
         self.out = ChunkWriter(self.chat, self.rid, self.app.model_name, index)
 
     def _feed(self, delta: P.Delta) -> None:
+        if self.plain_text is not None and delta.finish_reason is None and self.opened:
+            piece = self.plain_text.step(delta.token_ids)
+            if piece:
+                self.response.write(self.out.text(piece))
+            return
         out, events = self.out, []
         failure = _engine_failure(delta)
         if failure is not None and not self.response.started:   # nothing sent yet: a plain error

@@ -328,7 +328,10 @@ class ChunkWriter:
     """SSE chunks of one choice of a streamed response, built from byte templates made once per
     request (the usage chunk belongs to the whole response)."""
 
-    __slots__ = ("_head", "_chat", "_usage_head")
+    __slots__ = ("_head", "_chat", "_usage_head", "_text_head")
+
+    # What follows the text of a chunk that is text alone (the chunk of nearly every token).
+    _TEXT_TAIL = b',"logprobs":null,"finish_reason":null}]}\n\n'
 
     def __init__(self, chat: bool, rid: str, model: str, index: int = 0):
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -338,12 +341,16 @@ class ChunkWriter:
         self._usage_head = (b'data: {"id":' + enc(rid) + b',"object":"' + obj.encode() + b'","created":'
                             + str(created).encode() + b',"model":' + enc(model) + b',"choices":[')
         self._head = self._usage_head + b'{"index":' + str(index).encode() + b","
+        self._text_head = self._head + (b'"delta":{"content":' if chat else b'"text":')
 
     def role(self) -> bytes:
         return self._head + b'"delta":{"role":"assistant","content":""},"logprobs":null,' \
                             b'"finish_reason":null}]}\n\n'
 
     def text(self, text: str, finish_reason: str | None = None, logprobs: bytes = b"null") -> bytes:
+        if finish_reason is None and logprobs == b"null":
+            return b"%b%b%b%b" % (self._text_head, msgspec.json.encode(text),
+                                  b"}" if self._chat else b"", self._TEXT_TAIL)
         fr = b"null" if finish_reason is None else b'"' + finish_reason.encode() + b'"'
         t = msgspec.json.encode(text)
         if self._chat:

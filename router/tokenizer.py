@@ -476,6 +476,12 @@ class TextStream:
         self._stop = StopChecker(stop, include_stop=include_stop)
 
     @property
+    def plain(self) -> IncrementalDetokenizer | None:
+        """The detokenizer, when there are no stop strings to watch (then `feed(ids)` is
+        `(plain.step(ids), False)`); else None."""
+        return None if self._stop.stops else self._detok
+
+    @property
     def stopped(self) -> bool:
         return self._stop.stopped
 

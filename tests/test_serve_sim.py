@@ -330,6 +330,26 @@ def test_stop_string(agg):
     assert kept.choices[0].text == base[:base.index(stop) + len(stop)]
 
 
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_plain_stream_and_a_watched_one_give_the_same_chunks(agg, chat):
+    """A stream with nothing to watch takes the head's short way per token (StreamedAnswer.plain_text);
+    a stop string that never matches sends it the general way: the same chunks either way."""
+    c = agg.client()
+
+    def chunks(**extra):
+        args = dict(model=MODEL, max_tokens=40, temperature=0, stream=True, extra_body={"ignore_eos": True}, **extra)
+        if chat:
+            stream = c.chat.completions.create(messages=[{"role": "user", "content": "hello world"}], **args)
+            return [(ch.choices[0].delta.role, ch.choices[0].delta.content, ch.choices[0].finish_reason)
+                    for ch in stream]
+        stream = c.completions.create(prompt="hello world", **args)
+        return [(ch.choices[0].text, ch.choices[0].finish_reason) for ch in stream]
+
+    plain = chunks()
+    assert len(plain) > 20 and plain[-1][-1] == "length"
+    assert chunks(stop=["\u2603 never"]) == plain
+
+
 def test_min_tokens_and_sampling_params(agg):
     r = agg.client().completions.create(model=MODEL, prompt="one two", max_tokens=8, temperature=0.7,
                                         top_p=0.9, seed=3, extra_body={"top_k": 5, "min_tokens": 8})
