@@ -328,10 +328,7 @@ class ChunkWriter:
     """SSE chunks of one choice of a streamed response, built from byte templates made once per
     request (the usage chunk belongs to the whole response)."""
 
-    __slots__ = ("_head", "_chat", "_usage_head", "_text_head")
-
-    # What follows the text of a chunk that is text alone (the chunk of nearly every token).
-    _TEXT_TAIL = b',"logprobs":null,"finish_reason":null}]}\n\n'
+    __slots__ = ("_head", "_chat", "_usage_head", "_text_head", "_text_close", "_text_tail")
 
     def __init__(self, chat: bool, rid: str, model: str, index: int = 0):
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -341,23 +338,23 @@ class ChunkWriter:
         self._usage_head = (b'data: {"id":' + enc(rid) + b',"object":"' + obj.encode() + b'","created":'
                             + str(created).encode() + b',"model":' + enc(model) + b',"choices":[')
         self._head = self._usage_head + b'{"index":' + str(index).encode() + b","
+        # a text chunk: _text_head, the text as JSON, _text_close, then logprobs and finish_reason
         self._text_head = self._head + (b'"delta":{"content":' if chat else b'"text":')
+        self._text_close = b"}" if chat else b""
+        # the chunk of nearly every token: no logprobs, no finish_reason
+        self._text_tail = self._text_close + b',"logprobs":null,"finish_reason":null}]}\n\n'
 
     def role(self) -> bytes:
         return self._head + b'"delta":{"role":"assistant","content":""},"logprobs":null,' \
                             b'"finish_reason":null}]}\n\n'
 
     def text(self, text: str, finish_reason: str | None = None, logprobs: bytes = b"null") -> bytes:
-        if finish_reason is None and logprobs == b"null":
-            return b"%b%b%b%b" % (self._text_head, msgspec.json.encode(text),
-                                  b"}" if self._chat else b"", self._TEXT_TAIL)
-        fr = b"null" if finish_reason is None else b'"' + finish_reason.encode() + b'"'
         t = msgspec.json.encode(text)
-        if self._chat:
-            body = b'"delta":{"content":' + t + b'},"logprobs":' + logprobs + b',"finish_reason":' + fr
-        else:
-            body = b'"text":' + t + b',"logprobs":' + logprobs + b',"finish_reason":' + fr
-        return self._head + body + b"}]}\n\n"
+        if finish_reason is None and logprobs == b"null":
+            return self._text_head + t + self._text_tail
+        fr = b"null" if finish_reason is None else b'"' + finish_reason.encode() + b'"'
+        return (self._text_head + t + self._text_close + b',"logprobs":' + logprobs + b',"finish_reason":'
+                + fr + b"}]}\n\n")
 
     def delta(self, delta: dict) -> bytes:
         """A chat chunk with any delta object (tool calls)."""
