@@ -14,6 +14,7 @@ Two ways to fill it:
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 
 from slurmserve.kvfabric.block_hash import event_hash
@@ -101,16 +102,22 @@ class KVIndex:
 
 
 class ApproxKVIndex:
-    """Fed by routing decisions: what an instance was sent recently, it probably still caches."""
+    """Fed by routing decisions: what an instance was sent recently, it probably still caches.
+
+    An entry expires `ttl_s` after it was last recorded. Each record first drops what has expired
+    since the last one, oldest first from a queue of the records (one clock, one TTL: the queue is
+    in expiry order), so the work is what expired, never a pass over the whole index, which at a
+    high request rate would hold the event loop for as long as the index is large."""
 
     def __init__(self, ttl_s: float = 120.0, clock=time.monotonic):
         self.ttl_s = ttl_s
         self._clock = clock
         self._expiry: dict[int, dict[int, float]] = {}   # block hash -> {instance: expiry}
-        self._next_sweep = clock() + ttl_s
+        self._records: deque[tuple[float, int, tuple[int, ...]]] = deque()   # (expiry, instance, hashes)
 
     def record(self, instance: int, hashes: Sequence[int]) -> None:
         now = self._clock()
+        self._expire(now)
         until = now + self.ttl_s
         expiry = self._expiry
         for h in hashes:
@@ -119,18 +126,18 @@ class ApproxKVIndex:
                 expiry[h] = {instance: until}
             else:
                 e[instance] = until
-        if now >= self._next_sweep:
-            self._sweep(now)
+        self._records.append((until, instance, tuple(hashes)))
 
-    def _sweep(self, now: float) -> None:
-        """Drop expired entries (amortised: at most once per ttl)."""
-        self._next_sweep = now + self.ttl_s
-        for h in list(self._expiry):
-            live = {i: t for i, t in self._expiry[h].items() if t > now}
-            if live:
-                self._expiry[h] = live
-            else:
-                del self._expiry[h]
+    def _expire(self, now: float) -> None:
+        records, expiry = self._records, self._expiry
+        while records and records[0][0] <= now:
+            until, instance, hashes = records.popleft()
+            for h in hashes:
+                e = expiry.get(h)
+                if e is not None and e.get(instance) == until:   # (else recorded again since)
+                    del e[instance]
+                    if not e:
+                        del expiry[h]
 
     def _holders_of(self, h: int) -> int:
         e = self._expiry.get(h)

@@ -114,10 +114,35 @@ def test_approximate_index_learns_and_expires():
     idx.record(4, h)
     now[0] = 12           # 3's entries are past their TTL, 4's are not
     assert idx.overlap(h, [3, 4]) == {3: 0, 4: 8}
-    idx.record(4, h[:1])  # triggers a sweep: 3's entries are gone for good
+    idx.record(4, h[:1])  # the next record drops them for good
     assert all(3 not in e for e in idx._expiry.values())
     idx.forget(4)
     assert idx.overlap(h, [4]) == {4: 0}
+
+
+def test_the_approximate_index_drops_what_expired_at_the_next_record():
+    """Expired entries go at the next record, oldest first, and only they: the index used to sweep
+    itself whole once per TTL, which held the head's loop for as long as the index was large (14 ms
+    at 36,000 entries, 276 ms at 500,000) and kept what expired between sweeps until the next one."""
+    now = [0.0]
+    idx = ApproxKVIndex(ttl_s=10, clock=lambda: now[0])
+    h = block_hashes(list(range(16 * 16)), BS)
+    a, b, c, d = h[:4], h[4:8], h[8:12], h[12:16]
+    idx.record(1, a)                  # until 10
+    now[0] = 0.5
+    idx.record(2, b)                  # until 10.5
+    now[0] = 5
+    idx.record(1, a[:2])              # a's first two again: until 15
+    now[0] = 10
+    idx.record(3, c)                  # a[2:] expired
+    assert set(idx._expiry) == set(a[:2] + b + c)
+    now[0] = 11
+    idx.record(3, d)                  # b expired
+    assert set(idx._expiry) == set(a[:2] + c + d)
+    assert idx.overlap(a, [1]) == {1: 2}
+    now[0] = 30
+    idx.record(4, [])
+    assert len(idx) == 0
 
 
 @dataclass
