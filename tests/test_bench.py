@@ -210,6 +210,18 @@ def _rec(ttft_ms, e2e_ms, n_out, ok=True) -> Result:
                   itls=[(e2e_ms - ttft_ms) / 1000 / max(1, n_out - 1)] * max(0, n_out - 1))
 
 
+def test_fanout_bench_runs_the_heads_own_path(tiny_model_dir, capsys):
+    """`python -m slurmserve.bench.fanout`: every answer it streams through the head's fan-out ends
+    (it raises otherwise), and each way gets a figure."""
+    from slurmserve.bench import fanout
+
+    assert fanout.main([str(tiny_model_dir), "--requests", "8", "--steps", "16", "--repeats", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    figures = {line.rsplit(" ", 4)[0].strip(): float(line.split()[-4]) for line in lines}
+    assert set(figures) == {"head path", "flat Python floor", "decode + DecodeStream only"}
+    assert all(f > 0 for f in figures.values())
+
+
 def test_goodput_as_distserve_defines_it():
     recs = [_rec(100, 1100, 11),    # TPOT 100 ms
             _rec(300, 800, 11),     # TTFT over 200
