@@ -91,8 +91,8 @@ def flat_floor(tok: Tokenizer, messages: list[bytes], requests: int, write: bool
     from tokenizers.decoders import DecodeStream
 
     backend, encode = tok.backend, msgspec.json.encode
-    head = oa.ChunkWriter(True, "chatcmpl-" + "0" * 32, "bench")._text_head
-    tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+    writer = oa.ChunkWriter(True, "chatcmpl-" + "0" * 32, "bench")   # its templates, without its call
+    head, tail = writer._text_head, writer._text_tail
     sink = _Dropped().write
     lanes = {f"r{i}": DecodeStream(ids=list(PROMPT), skip_special_tokens=True) for i in range(requests)}
     start = time.perf_counter()

@@ -328,7 +328,7 @@ class ChunkWriter:
     """SSE chunks of one choice of a streamed response, built from byte templates made once per
     request (the usage chunk belongs to the whole response)."""
 
-    __slots__ = ("_head", "_chat", "_usage_head", "_text_head", "_text_close", "_text_tail")
+    __slots__ = ("_head", "_chat", "_usage_head", "_text_head", "_text_tail")
 
     def __init__(self, chat: bool, rid: str, model: str, index: int = 0):
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -338,11 +338,10 @@ class ChunkWriter:
         self._usage_head = (b'data: {"id":' + enc(rid) + b',"object":"' + obj.encode() + b'","created":'
                             + str(created).encode() + b',"model":' + enc(model) + b',"choices":[')
         self._head = self._usage_head + b'{"index":' + str(index).encode() + b","
-        # a text chunk: _text_head, the text as JSON, _text_close, then logprobs and finish_reason
+        # a text chunk: _text_head, the text as JSON, then (after the delta's "}") logprobs and
+        # finish_reason; _text_tail is that rest for the chunk of nearly every token, with neither
         self._text_head = self._head + (b'"delta":{"content":' if chat else b'"text":')
-        self._text_close = b"}" if chat else b""
-        # the chunk of nearly every token: no logprobs, no finish_reason
-        self._text_tail = self._text_close + b',"logprobs":null,"finish_reason":null}]}\n\n'
+        self._text_tail = (b"}" if chat else b"") + b',"logprobs":null,"finish_reason":null}]}\n\n'
 
     def role(self) -> bytes:
         return self._head + b'"delta":{"role":"assistant","content":""},"logprobs":null,' \
@@ -353,8 +352,8 @@ class ChunkWriter:
         if finish_reason is None and logprobs == b"null":
             return self._text_head + t + self._text_tail
         fr = b"null" if finish_reason is None else b'"' + finish_reason.encode() + b'"'
-        return (self._text_head + t + self._text_close + b',"logprobs":' + logprobs + b',"finish_reason":'
-                + fr + b"}]}\n\n")
+        return (self._text_head + t + (b"}" if self._chat else b"") + b',"logprobs":' + logprobs
+                + b',"finish_reason":' + fr + b"}]}\n\n")
 
     def delta(self, delta: dict) -> bytes:
         """A chat chunk with any delta object (tool calls)."""

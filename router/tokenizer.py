@@ -361,10 +361,10 @@ class IncrementalDetokenizer:
         self._stream = None   # the window moves on without it
         self._context_text()
         ids.extend(new_ids)
-        pending = len(self._ids) - self._read
-        text = self._decode(self._ids)
+        pending = len(ids) - self._read
+        text = self._decode(ids)
         if len(text) > len(self._prefix_text) and not text.endswith(REPLACEMENT_CHAR):
-            return self._advance(len(self._ids), text)
+            return self._advance(len(ids), text)
         if pending <= self.MAX_PENDING:
             return ""
         return self._stable_part(text)
